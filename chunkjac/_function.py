@@ -1,0 +1,76 @@
+"""Running the user's function on one chunk: substituting differentiable values, picking the output."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._spec import Spec, _FLOATS, _describe
+
+
+def chunk_args(spec: Spec, start: int, stop: int) -> list:
+    """The positional arguments for samples [start, stop): batched inputs narrowed, others as given."""
+    return [a if d is None else a.narrow(d, start, stop - start) for a, d in zip(spec.args, spec.in_dims)]
+
+
+def call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None = None) -> Any:
+    """fn(*args), with module parameters/buffers replaced by ``params`` (torch.func.functional_call)."""
+    if params:
+        return functional_call(spec.fn, params, tuple(args))
+    return spec.fn(*args)
+
+
+def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
+    """The output to differentiate, checked to be a float tensor whose leading dim holds the n samples."""
+    where = "fn's output"
+    if spec.output is not None:
+        if not isinstance(out, (tuple, list, dict)):
+            raise TypeError(
+                f"chunkjac: output={spec.output!r} selects from a tuple, list or dict, but fn returned "
+                f"{_describe(out)}; pass output=None for a single tensor.")
+        try:
+            out = out[spec.output]
+        except (IndexError, KeyError, TypeError):
+            keys = list(out.keys()) if isinstance(out, dict) else list(range(len(out)))
+            raise ValueError(
+                f"chunkjac: output={spec.output!r} selects nothing from fn's {type(out).__name__}; "
+                f"valid: {keys}.") from None
+        where = f"fn's output[{spec.output!r}]"
+    elif isinstance(out, (tuple, list, dict)):
+        keys = list(out.keys()) if isinstance(out, dict) else list(range(len(out)))
+        raise ValueError(
+            f"chunkjac: fn returned a {type(out).__name__} of {len(keys)}; say which one to differentiate "
+            f"with output= (one of {keys}). return_outputs=True gives all of them back.")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"chunkjac: {where} must be a tensor to differentiate, got {_describe(out)}.")
+    if out.dtype not in _FLOATS:
+        raise TypeError(
+            f"chunkjac: {where} is {_describe(out)}; only float16, bfloat16, float32 and float64 outputs "
+            "can be differentiated.")
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(
+            f"chunkjac: {where} has shape {tuple(out.shape)}, but it must hold the {n} samples of the chunk "
+            f"in its leading dim: (B, *out) with B={n}. A reduction over the batch (x.sum(0), a loss "
+            "with reduction='mean') mixes the samples; return per-sample values instead "
+            "(e.g. reduction='none'), one row per sample.")
+    return out
+
+
+def detach_all(out: Any) -> Any:
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+
+
+def split_tensors(out: Any):
+    """Flatten fn's outputs into (tensor leaves, a function that rebuilds the structure from them)."""
+    leaves, spec = tree_flatten(out)
+    where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+    def rebuild(tensors):
+        full = list(leaves)
+        for i, t in zip(where, tensors):
+            full[i] = t
+        return tree_unflatten(full, spec)
+
+    return tuple(leaves[i] for i in where), rebuild

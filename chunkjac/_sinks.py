@@ -1,0 +1,60 @@
+"""Sinks: where finished chunks go. Now: memory. (Preallocated tensors and .npy files come later.)"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+class MemorySink:
+    """Collects chunk results into (B, *out, *in) tensors.
+
+    A single-chunk run returns the strategy's tensors as they are (no copy). Several chunks are
+    copied into tensors allocated at the first chunk; with ``create_graph`` they are concatenated
+    instead, so the result stays differentiable.
+    """
+
+    def __init__(self, batch_size: int, differentiable: bool, keep_outputs: bool):
+        self.batch_size = batch_size
+        self.differentiable = differentiable
+        self.keep_outputs = keep_outputs
+        self._jacs: list | None = None
+        self._parts: list[list[torch.Tensor]] = []
+        self._outputs: list[Any] = []
+        self._whole = False
+
+    def write(self, start: int, stop: int, jacs: list[torch.Tensor], outputs: Any) -> None:
+        if self.keep_outputs:
+            self._outputs.append(outputs)
+        if start == 0 and stop == self.batch_size:
+            self._jacs, self._whole = list(jacs), True
+        elif self.differentiable:
+            self._parts.append(list(jacs))
+        else:
+            if self._jacs is None:
+                self._jacs = [j.new_empty((self.batch_size, *j.shape[1:])) for j in jacs]
+            for dst, j in zip(self._jacs, jacs):
+                dst[start:stop].copy_(j)
+
+    def jacobians(self) -> list[torch.Tensor]:
+        if self._parts:
+            return [torch.cat(p, 0) for p in zip(*self._parts)]
+        return self._jacs
+
+    def outputs(self) -> Any:
+        if len(self._outputs) == 1:
+            return self._outputs[0]
+        flat = [tree_flatten(o) for o in self._outputs]
+        leaves0, spec = flat[0]
+        merged = []
+        for k, leaf in enumerate(leaves0):
+            parts = [leaves[k] for leaves, _ in flat]
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                merged.append(torch.cat(parts, 0))
+            else:
+                raise ValueError(
+                    "chunkjac: return_outputs=True needs every tensor fn returns to hold the samples in "
+                    f"its leading dim when the batch runs in several chunks; output leaf {k} is "
+                    f"{type(leaf).__name__}{'' if not isinstance(leaf, torch.Tensor) else ' of shape ' + str(tuple(leaf.shape))}.")
+        return tree_unflatten(merged, spec)

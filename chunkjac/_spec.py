@@ -1,0 +1,247 @@
+"""Call normalisation: turn ``compute``'s arguments into a validated :class:`Spec`.
+
+Every argument check happens here, before any work, so that plans and strategies never re-check.
+Errors name the argument, what was expected, what was got and what to do.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+MODES = ("auto", "reverse", "forward")
+COUPLINGS = ("independent",)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One thing to differentiate with respect to.
+
+    ``index`` names a positional input (``kind="input"``); ``name`` a parameter or buffer of the
+    module (``kind="param"``). ``batched`` targets give dy_i/dx_i; unbatched ones (a parameter, an
+    input with ``in_dims`` None) give dy_i/dθ for the one shared θ.
+    """
+
+    kind: str
+    index: int | None
+    name: str | None
+    batched: bool
+    shape: tuple[int, ...]  # per-sample shape for batched inputs, whole shape otherwise
+    label: str              # how the user named it, for messages
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True, eq=False)
+class Spec:
+    """A validated call: what to run, on what, and what to differentiate."""
+
+    fn: Callable
+    args: tuple
+    in_dims: tuple[int | None, ...]
+    batch_size: int
+    targets: tuple[Target, ...]
+    single: bool            # wrt was one item: return one Jacobian, not a tuple
+    output: Any             # index/key into fn's outputs, or None for a tensor output
+    mode: str
+    coupling: str
+    create_graph: bool
+    return_outputs: bool
+
+    def param(self, name: str) -> torch.Tensor:
+        return _module_tensors(self.fn)[name]
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    return named
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, type(None))) else type(v).__name__
+
+
+def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs) -> Spec:
+    if not callable(fn):
+        raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
+    args = _normalize_inputs(inputs)
+    dims = _normalize_in_dims(in_dims, args)
+    batch_size = _batch_size(args, dims)
+    targets, single = _normalize_wrt(wrt, fn, args, dims)
+    if mode not in MODES:
+        raise ValueError(f"chunkjac: mode must be one of {MODES}, got {mode!r}.")
+    if mode == "reverse":
+        shared = [t.label for t in targets if not t.batched]
+        if shared:
+            raise ValueError(
+                f"chunkjac: mode='reverse' cannot give per-sample derivatives w.r.t. the shared {shared[0]}: "
+                "the sum trick adds every sample's contribution to a shared tensor's gradient. "
+                "Use mode='forward' or mode='auto' (forward mode: one JVP per element of the shared tensor).")
+    if isinstance(coupling, torch.Tensor) or coupling not in COUPLINGS:
+        raise ValueError(
+            f"chunkjac: coupling must be 'independent' in this version, got {_describe(coupling)}. "
+            "The sum trick assumes y_i depends on no x_j with j != i (no attention across the batch, "
+            "no BatchNorm in training mode); check your model, then pass coupling='independent'.")
+    return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
+                output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
+                return_outputs=bool(return_outputs))
+
+
+def _normalize_inputs(inputs) -> tuple:
+    if isinstance(inputs, list):
+        raise TypeError(
+            "chunkjac: inputs must be a tensor or a tuple of positional arguments, got a list. "
+            "Pass tuple(inputs) for several arguments, or (inputs,) if fn takes the list itself.")
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    out = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            # from_numpy shares memory; a read-only array (a memmap) is copied rather than aliased.
+            a = torch.from_numpy(a if a.flags.writeable else a.copy())
+        out.append(a)
+    if not out:
+        raise ValueError("chunkjac: inputs is an empty tuple; pass at least one batched tensor.")
+    return tuple(out)
+
+
+def _normalize_in_dims(in_dims, args) -> tuple[int | None, ...]:
+    if in_dims is None or isinstance(in_dims, numbers.Integral) and not isinstance(in_dims, bool):
+        raw = [in_dims if isinstance(a, torch.Tensor) else None for a in args]
+    elif isinstance(in_dims, (tuple, list)):
+        if len(in_dims) != len(args):
+            raise ValueError(
+                f"chunkjac: in_dims has {len(in_dims)} entries but inputs has {len(args)} positional "
+                f"arguments; give one batch dim (or None) per input, e.g. in_dims={(0,) * len(args)}.")
+        raw = list(in_dims)
+    else:
+        raise TypeError(f"chunkjac: in_dims must be an int, None or a tuple of those, got {_describe(in_dims)}.")
+    dims = []
+    for i, (a, d) in enumerate(zip(args, raw)):
+        if d is None:
+            dims.append(None)
+            continue
+        if not isinstance(d, numbers.Integral) or isinstance(d, bool):
+            raise TypeError(f"chunkjac: in_dims[{i}] must be an int or None, got {_describe(d)}.")
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(
+                f"chunkjac: in_dims[{i}]={d} but input {i} is {_describe(a)}, not a tensor; "
+                "use None for inputs that are not batched.")
+        if not -a.dim() <= d < a.dim():
+            raise ValueError(
+                f"chunkjac: in_dims[{i}]={d} is out of range for input {i} of shape {tuple(a.shape)} "
+                f"(valid: {-a.dim()}..{a.dim() - 1}); use None for an input that is not batched."
+                if a.dim() else
+                f"chunkjac: in_dims[{i}]={d} but input {i} is a 0-d tensor, which has no batch dim; "
+                "use None for it.")
+        dims.append(int(d) % a.dim())
+    return tuple(dims)
+
+
+def _batch_size(args, dims) -> int:
+    sizes = {i: a.shape[d] for i, (a, d) in enumerate(zip(args, dims)) if d is not None}
+    if not sizes:
+        raise ValueError(
+            "chunkjac: no input is batched (every in_dims entry is None); at least one input must carry "
+            "the batch, e.g. in_dims=0 for a (B, ...) tensor.")
+    if len(set(sizes.values())) > 1:
+        got = ", ".join(f"input {i}: {s}" for i, s in sizes.items())
+        raise ValueError(
+            f"chunkjac: batched inputs disagree on the batch size ({got}) along their in_dims {dims}; "
+            "give every batched input the same number of samples, or in_dims=None for a shared one.")
+    b = next(iter(sizes.values()))
+    if b == 0:
+        raise ValueError("chunkjac: the inputs hold 0 samples; there is nothing to differentiate.")
+    return b
+
+
+_CLOSURE_HELP = (
+    "A tensor captured by a closure cannot be swapped for a differentiable copy. Pass it as an input "
+    "instead and mark it unbatched, e.g.\n"
+    "    chunkjac.compute(lambda x, C: routine(C, x), (x, C), in_dims=(0, None), wrt=1)")
+
+
+def _normalize_wrt(wrt, fn, args, dims) -> tuple[tuple[Target, ...], bool]:
+    single = not isinstance(wrt, (tuple, list))
+    items = [wrt] if single else list(wrt)
+    if not items:
+        raise ValueError("chunkjac: wrt is empty; name at least one input index or parameter.")
+    targets = [_target(w, fn, args, dims) for w in items]
+    keys = [(t.kind, t.index, t.name) for t in targets]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"chunkjac: wrt names the same tensor twice: {wrt!r}.")
+    return tuple(targets), single
+
+
+def _target(w, fn, args, dims) -> Target:
+    if isinstance(w, numbers.Integral) and not isinstance(w, bool):
+        n = len(args)
+        if not -n <= w < n:
+            raise ValueError(
+                f"chunkjac: wrt={w} is out of range: fn gets {n} positional input(s) (valid: {-n}..{n - 1}).")
+        i = int(w) % n
+        return _input_target(i, args[i], dims[i], f"wrt={w}")
+    if isinstance(w, str):
+        if not isinstance(fn, nn.Module):
+            raise TypeError(
+                f"chunkjac: wrt={w!r} names a parameter, but fn is a {type(fn).__name__}, not an nn.Module. "
+                "Pass the module itself as fn, or pass the tensor as an input. " + _CLOSURE_HELP)
+        named = _module_tensors(fn)
+        if w not in named:
+            some = ", ".join(list(named)[:8]) or "none"
+            raise ValueError(
+                f"chunkjac: wrt={w!r} names no parameter or buffer of {type(fn).__name__} "
+                f"(it has: {some}{', ...' if len(named) > 8 else ''}).")
+        return _param_target(w, named[w])
+    if isinstance(w, torch.Tensor):
+        if isinstance(fn, nn.Module):
+            for name, t in _module_tensors(fn).items():
+                if t is w:
+                    return _param_target(name, t)
+        for i, a in enumerate(args):
+            if a is w:
+                return _input_target(i, a, dims[i], f"wrt=<input {i}>")
+        raise ValueError(
+            f"chunkjac: wrt is {_describe(w)} that is neither one of fn's parameters or buffers nor one of "
+            "the inputs. " + _CLOSURE_HELP)
+    raise TypeError(
+        f"chunkjac: wrt must be an input index (int), a parameter name (str), an nn.Parameter of fn, "
+        f"or a tuple of those; got {_describe(w)}.")
+
+
+def _check_float(t: torch.Tensor, label: str) -> None:
+    if t.dtype in _FLOATS:
+        return
+    if t.is_complex():
+        raise TypeError(f"chunkjac: {label} is {_describe(t)}; complex dtypes are not supported. "
+                        "Differentiate the real and imaginary parts as two real inputs.")
+    raise TypeError(
+        f"chunkjac: {label} is {_describe(t)}; derivatives need a floating-point tensor. If fn treats it "
+        "as numbers, pass a float copy (e.g. x.double()); integer inputs that index or mask are not "
+        "differentiable and belong outside wrt.")
+
+
+def _input_target(i, a, d, label) -> Target:
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"chunkjac: {label} names input {i}, which is {_describe(a)}, not a tensor.")
+    _check_float(a, f"input {i} ({label})")
+    shape = tuple(s for k, s in enumerate(a.shape) if k != d) if d is not None else tuple(a.shape)
+    return Target(kind="input", index=i, name=None, batched=d is not None, shape=shape, label=label)
+
+
+def _param_target(name, t) -> Target:
+    _check_float(t, f"parameter {name!r}")
+    return Target(kind="param", index=None, name=name, batched=False, shape=tuple(t.shape),
+                  label=f"wrt={name!r}")
