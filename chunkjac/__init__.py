@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ._check import check_forward_mode
 from ._executor import execute
 from ._plan import make_plan
 from ._probe import probe
@@ -67,4 +68,5 @@ def compute(
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                      create_graph=create_graph, return_outputs=return_outputs)
     plan = make_plan(spec, probe(spec))
+    check_forward_mode(spec, plan)
     return execute(spec, plan)

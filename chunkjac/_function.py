@@ -51,8 +51,8 @@ def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
             "can be differentiated.")
     if out.dim() == 0 or out.shape[0] != n:
         raise ValueError(
-            f"chunkjac: {where} has shape {tuple(out.shape)}, but it must hold the {n} samples of the chunk "
-            f"in its leading dim: (B, *out) with B={n}. A reduction over the batch (x.sum(0), a loss "
+            f"chunkjac: {where} has shape {tuple(out.shape)} for a batch of {n} samples, but its leading "
+            f"dim must hold those samples: (B, *out) with B={n}. A reduction over the batch (x.sum(0), a loss "
             "with reduction='mean') mixes the samples; return per-sample values instead "
             "(e.g. reduction='none'), one row per sample.")
     return out

@@ -1,0 +1,133 @@
+"""Bad input gets a clear error that names the argument, what was expected and got, and the remedy."""
+import pytest
+import torch
+from torch import nn
+
+import chunkjac
+
+x = torch.randn(4, 3)
+lin = nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(wrt=2), ValueError, r"wrt=2 is out of range: fn gets 1 positional input\(s\) \(valid: -1..0\)"),
+    (dict(wrt="nope"), TypeError, r"wrt='nope' names a parameter, but fn is a builtin_function_or_method"),
+    (dict(wrt=()), ValueError, r"wrt is empty"),
+    (dict(wrt=(0, 0)), ValueError, r"names the same tensor twice"),
+    (dict(wrt=1.5), TypeError, r"wrt must be an input index"),
+    (dict(in_dims=(0, 0)), ValueError, r"in_dims has 2 entries but inputs has 1"),
+    (dict(in_dims=2), ValueError, r"in_dims\[0\]=2 is out of range for input 0 of shape \(4, 3\)"),
+    (dict(in_dims=None), ValueError, r"no input is batched"),
+    (dict(in_dims="0"), TypeError, r"in_dims must be an int, None or a tuple"),
+    (dict(mode="fast"), ValueError, r"mode must be one of \('auto', 'reverse', 'forward'\), got 'fast'"),
+    (dict(coupling="auto"), ValueError, r"coupling must be 'independent' in this version, got str 'auto'"),
+    (dict(output=0), TypeError, r"output=0 selects from a tuple, list or dict, but fn returned a torch.float32"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        chunkjac.compute(torch.sin, x, **kwargs)
+
+
+def test_batch_sizes_disagree():
+    with pytest.raises(ValueError, match=r"disagree on the batch size \(input 0: 4, input 1: 5\)"):
+        chunkjac.compute(lambda a, b: a, (x, torch.randn(5, 3)))
+
+
+def test_in_dims_for_a_non_tensor():
+    with pytest.raises(ValueError, match=r"in_dims\[1\]=0 but input 1 is float 2.0, not a tensor"):
+        chunkjac.compute(lambda a, s: a * s, (x, 2.0), in_dims=(0, 0))
+
+
+def test_zero_dim_input_cannot_be_batched():
+    with pytest.raises(ValueError, match=r"input 1 is a 0-d tensor, which has no batch dim; use None"):
+        chunkjac.compute(lambda a, s: a * s, (x, torch.tensor(2.0)), in_dims=(0, -1))
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match="0 samples"):
+        chunkjac.compute(torch.sin, torch.randn(0, 3))
+
+
+def test_list_inputs_are_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"got a list. Pass tuple\(inputs\)"):
+        chunkjac.compute(torch.sin, [x])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_refused(dtype):
+    with pytest.raises(TypeError, match="complex dtypes are not supported"):
+        chunkjac.compute(torch.sin, torch.randn(4, 3, dtype=dtype))
+
+
+def test_complex_output_refused():
+    with pytest.raises(TypeError, match="only float16, bfloat16, float32 and float64 outputs"):
+        chunkjac.compute(lambda a: a * 1j, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_wrt_refused_with_float_copy_advice(dtype):
+    with pytest.raises(TypeError, match=r"pass a float copy \(e.g. x.double\(\)\)"):
+        chunkjac.compute(lambda a: a * 2.0, torch.ones(4, 3, dtype=dtype))
+
+
+def test_integer_inputs_outside_wrt_pass_through():
+    idx = torch.tensor([0, 2, 1, 0])
+    J = chunkjac.compute(lambda a, i: a.gather(1, i[:, None]) * 3.0, (x, idx))
+    assert J.shape == (4, 1, 3)
+    assert torch.equal(J[:, 0], 3.0 * nn.functional.one_hot(idx, 3).float())
+
+
+@pytest.mark.parametrize("f, match", [
+    (lambda a: a.sum(0), r"has shape \(3,\) for a batch of 2 samples, but its leading dim must hold"),
+    (lambda a: ((a - 1) ** 2).mean(), r"has shape \(\) for a batch of 2 samples.*reduction='none'"),
+    (lambda a: nn.functional.mse_loss(a, torch.zeros_like(a)), r"reduction='mean'"),
+])
+def test_outputs_without_a_batch_dim(f, match):
+    with pytest.raises(ValueError, match=match):
+        chunkjac.compute(f, x)
+
+
+def test_non_tensor_output():
+    with pytest.raises(TypeError, match="must be a tensor to differentiate, got float"):
+        chunkjac.compute(lambda a: 1.0, x)
+
+
+def test_tuple_output_needs_output_argument():
+    with pytest.raises(ValueError, match=r"fn returned a tuple of 2; say which one to differentiate with output="):
+        chunkjac.compute(lambda a: (a, a), x)
+
+
+def test_output_selects_nothing():
+    with pytest.raises(ValueError, match=r"output='z' selects nothing from fn's dict; valid: \['y'\]"):
+        chunkjac.compute(lambda a: {"y": a}, x, output="z")
+
+
+def test_unknown_parameter_name_lists_the_real_ones():
+    with pytest.raises(ValueError, match=r"wrt='w' names no parameter or buffer of Linear \(it has: weight, bias\)"):
+        chunkjac.compute(lin, x, wrt="w")
+
+
+def test_closure_tensor_cannot_be_swapped():
+    C = torch.tensor(-5.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"(?s)neither one of fn's parameters.*in_dims=\(0, None\), wrt=1"):
+        chunkjac.compute(lambda a: C * a, x, wrt=C)
+
+
+def test_reverse_mode_refuses_shared_targets():
+    with pytest.raises(ValueError, match=r"mode='reverse' cannot give per-sample derivatives w.r.t. the shared wrt='weight'"):
+        chunkjac.compute(lin, x, wrt="weight", mode="reverse")
+
+
+def test_wrt_non_tensor_input():
+    with pytest.raises(TypeError, match="wrt=1 names input 1, which is float 2.0, not a tensor"):
+        chunkjac.compute(lambda a, s: a * s, (x, 2.0), wrt=1)
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        chunkjac.compute("model", x)
+
+
+def test_output_shape_that_depends_on_the_batch_size():
+    with pytest.raises(ValueError, match="per-sample output shape changed"):
+        chunkjac.compute(lambda a: a.repeat(1, a.shape[0]), torch.randn(11, 2))
