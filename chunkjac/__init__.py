@@ -1,19 +1,38 @@
 """chunkjac: exact per-sample Jacobians of PyTorch models over very large batches.
 
-    J = chunkjac.compute(model, x)          # (B, *out, *in), J[i] = dy_i/dx_i
+    J = chunkjac.compute(model, x, budget="20GB")     # (B, *out, *in), J[i] = dy_i/dx_i
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from ._budget import parse_budget
 from ._check import check_forward_mode
+from ._errors import BudgetError
 from ._executor import execute
-from ._plan import make_plan
-from ._probe import probe
+from ._memory import free_bytes
+from ._plan import Plan, make_plan
+from ._probe import ProbeCache
 from ._spec import normalize
 
-__version__ = "0.1.0"
-__all__ = ["compute", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["compute", "plan", "Plan", "BudgetError", "ProbeCache", "probe_cache", "__version__"]
+
+probe_cache = ProbeCache()
+"""The probe results ``compute`` and ``plan`` reuse across calls; ``probe_cache.clear()`` empties it."""
+
+
+def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
+             chunk_size):
+    spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
+                     create_graph=create_graph, return_outputs=return_outputs, device=device)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
+    budget_bytes = parse_budget(budget, free_bytes(spec.device))
+    p = make_plan(spec, spec.device, budget_bytes, chunk_size=chunk_size, cache=probe_cache)
+    check_forward_mode(spec, p)
+    return spec, p
 
 
 def compute(
@@ -27,6 +46,10 @@ def compute(
     coupling: str = "independent",
     create_graph: bool = False,
     return_outputs: bool = False,
+    budget: int | str | None = None,
+    device: Any = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
 ):
     """Per-sample Jacobians ``J[i] = d fn(x)_i / d x_i`` for every sample i of a batch.
 
@@ -42,31 +65,63 @@ def compute(
         in_dims: the batch dim of each input, as in ``torch.vmap``: an int for every tensor input,
             or a tuple with one int or None per input. None marks an input shared by all samples.
         mode: ``"reverse"`` (one batched VJP per per-sample output element), ``"forward"`` (one
-            batched JVP per per-sample input element) or ``"auto"``: forward when the per-sample
-            inputs are fewer than half the outputs, reverse otherwise. Shared tensors (parameters,
-            unbatched inputs) always use forward mode.
+            batched JVP per per-sample input element) or ``"auto"``: the faster of the two, measured
+            on small chunks. Shared tensors (parameters, unbatched inputs) always use forward mode.
         coupling: ``"independent"``: the caller asserts that y_i depends on no x_j with j != i (no
             attention across the batch, no BatchNorm in training mode). The result is exact under
             that assumption and silently wrong without it; it is the only option in this version.
         create_graph: return Jacobians (and outputs) connected to the autograd graph, so a loss on
             them can be differentiated again (physics-informed training). Off, results are detached.
         return_outputs: also return fn's full outputs for the whole batch, computed in the same pass.
+        budget: memory chunkjac may use on the compute device: ``"20GB"``, ``"512MiB"``, an int of
+            bytes, ``"80%"`` of the free memory, or None for half of it. Larger budgets allow larger
+            chunks (fewer Python round trips); beyond the cache-friendly chunk they do not help.
+            On the CPU the result itself is not counted: it is the output you asked for.
+        device: where to compute (``"cuda"``, ``"cuda:1"``, ``"cpu"``); default: where fn's
+            parameters are, else where the inputs are. Inputs elsewhere stream there chunk by chunk;
+            results come back to where the inputs live.
+        chunk_size: samples per chunk, overriding the planner.
+        progress: a progress bar on stderr: True, False, or None for "when the run is predicted to
+            take over 10 s and stderr is a terminal".
 
     Returns:
         For a batched input x of shape (B, *in) and output y of shape (B, *out): a tensor of shape
         (B, *out, *in). For a shared tensor θ: (B, *out, *θ.shape). With a tuple ``wrt``, a tuple of
-        those; with ``return_outputs=True``, ``(J, outputs)``. J has the output's dtype and device.
+        those; with ``return_outputs=True``, ``(J, outputs)``. J has the output's dtype.
+
+    Raises:
+        BudgetError: the budget cannot hold even one sample (the message says what would).
 
     Cost: reverse mode runs one forward and n_out VJPs over the batch; forward mode n_in JVPs, where
-    n_out and n_in are per-sample element counts. Neither grows with B beyond the batch's own size.
+    n_out and n_in are per-sample element counts; ``chunkjac.plan`` shows the choice and estimates.
 
     Example:
         >>> f = torch.nn.Sequential(torch.nn.Linear(5, 2), torch.nn.Sigmoid(), torch.nn.Linear(2, 10))
         >>> chunkjac.compute(f, torch.randn(3, 5)).shape
         torch.Size([3, 10, 5])
     """
-    spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
-                     create_graph=create_graph, return_outputs=return_outputs)
-    plan = make_plan(spec, probe(spec))
-    check_forward_mode(spec, plan)
-    return execute(spec, plan)
+    spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
+                       device, chunk_size)
+    return execute(spec, p, progress=progress)
+
+
+def plan(
+    fn: Callable,
+    inputs: Any,
+    *,
+    wrt: Any = 0,
+    output: Any = None,
+    in_dims: Any = 0,
+    mode: str = "auto",
+    coupling: str = "independent",
+    create_graph: bool = False,
+    return_outputs: bool = False,
+    budget: int | str | None = None,
+    device: Any = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> Plan:
+    """The :class:`Plan` ``compute`` would carry out with the same arguments, without computing any
+    Jacobian (it probes fn on a few small chunks). ``print(plan)`` gives a one-line report."""
+    return _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
+                    device, chunk_size)[1]

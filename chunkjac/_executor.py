@@ -1,19 +1,119 @@
-"""The executor: carries a plan out, chunk by chunk, from the strategy into the sink."""
+"""The executor: carries a plan out, chunk by chunk, from the strategy into the sink.
+
+It streams batched inputs to the compute device (on CUDA, the next chunk's copy overlaps the current
+chunk's compute on a side stream), shows progress, and backs off on out-of-memory errors: free what
+it can, halve the chunk, retry the same samples, keep the smaller size for the rest of the run.
+"""
 from __future__ import annotations
 
+import gc
+import sys
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from ._budget import format_bytes
+from ._errors import BudgetError
 from ._function import chunk_args
 from ._plan import Plan
 from ._sinks import MemorySink
 from ._spec import Spec
 from ._strategies import STRATEGIES
 
+LONG_RUN_SECONDS = 10.0  # progress=None shows a bar for runs predicted to take longer
 
-def execute(spec: Spec, plan: Plan):
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        "out of memory" in msg or "can't allocate memory" in msg or isinstance(e, MemoryError))
+
+
+def _show_progress(progress, plan: Plan) -> bool:
+    if progress is None:
+        long = plan.seconds is not None and plan.seconds > LONG_RUN_SECONDS
+        return long and sys.stderr.isatty()
+    return bool(progress)
+
+
+class _Loader:
+    """Chunk inputs on the compute device; on CUDA from host memory, prefetched on a side stream."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        streams = spec.device.type == "cuda" and any(
+            d is not None and a.device != spec.device for a, d in zip(spec.args, spec.in_dims))
+        self.stream = torch.cuda.Stream(spec.device) if streams else None
+        self.ahead = None
+
+    def prefetch(self, start: int, stop: int) -> None:
+        if self.stream is None:
+            return
+        with torch.cuda.stream(self.stream):
+            self.ahead = ((start, stop), chunk_args(self.spec, start, stop))
+
+    def get(self, start: int, stop: int) -> list:
+        if self.stream is None:
+            return chunk_args(self.spec, start, stop)
+        if self.ahead is None or self.ahead[0] != (start, stop):
+            self.prefetch(start, stop)
+        (_, args), self.ahead = self.ahead, None
+        current = torch.cuda.current_stream(self.spec.device)
+        current.wait_stream(self.stream)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.device == self.spec.device:
+                a.record_stream(current)  # memory made on the side stream, used on this one
+        return args
+
+
+def execute(spec: Spec, plan: Plan, progress=None):
     strategy = STRATEGIES[plan.strategy]
-    sink = MemorySink(plan.batch_size, differentiable=spec.create_graph, keep_outputs=spec.return_outputs)
-    for start, stop in plan.chunks():
-        jacs, outputs = strategy(spec, plan, chunk_args(spec, start, stop), stop - start)
-        sink.write(start, stop, jacs, outputs)
+    sink = MemorySink(plan.batch_size, differentiable=spec.create_graph, keep_outputs=spec.return_outputs,
+                      device=spec.home)
+    loader = _Loader(spec)
+    size = plan.chunk_size
+    bar = tqdm(total=plan.batch_size, unit="sample", unit_scale=True, disable=not _show_progress(progress, plan),
+               desc="chunkjac", dynamic_ncols=True)
+    backed_off = False
+    with bar:
+        start = 0
+        while start < plan.batch_size:
+            start, stop = plan.chunk_at(start, size)
+            args = loader.get(start, stop)
+            nxt = plan.chunk_at(stop, size)
+            if nxt[0] < plan.batch_size:
+                loader.prefetch(*nxt)
+            try:
+                jacs, outputs = strategy(spec, plan, args, stop - start)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                del e
+                size, backed_off = _back_off(spec, plan, stop - start), True
+                continue
+            sink.write(start, stop, jacs, outputs)
+            bar.update(stop - start)
+            start = stop
+    if backed_off:
+        warnings.warn(f"chunkjac: ran out of memory on {spec.device} with the planned chunks of "
+                      f"{plan.chunk_size:,} samples; finished with chunks of {size:,}.", RuntimeWarning,
+                      stacklevel=3)
     jacs = sink.jacobians()
     result = jacs[0] if spec.single else tuple(jacs)
     return (result, sink.outputs()) if spec.return_outputs else result
+
+
+def _back_off(spec: Spec, plan: Plan, failed: int) -> int:
+    gc.collect()
+    if spec.device.type == "cuda":
+        torch.cuda.empty_cache()
+    new = failed // 2
+    if new < 1:
+        raise BudgetError(
+            f"chunkjac: out of memory on {spec.device} with a chunk of 1 sample; the planned peak was "
+            f"{format_bytes(plan.peak_bytes)} per chunk. Free memory on the device or lower other use, "
+            "then run again.")
+    return new

@@ -11,8 +11,18 @@ from ._spec import Spec, _FLOATS, _describe
 
 
 def chunk_args(spec: Spec, start: int, stop: int) -> list:
-    """The positional arguments for samples [start, stop): batched inputs narrowed, others as given."""
-    return [a if d is None else a.narrow(d, start, stop - start) for a, d in zip(spec.args, spec.in_dims)]
+    """The positional arguments for samples [start, stop) on the compute device: batched inputs
+    narrowed (and copied there if they live elsewhere; pinned, non-blocking on CUDA), others as given."""
+    out = []
+    for a, d in zip(spec.args, spec.in_dims):
+        if d is not None:
+            a = a.narrow(d, start, stop - start)
+            if a.device != spec.device:
+                if spec.device.type == "cuda" and a.device.type == "cpu":
+                    a = a.pin_memory()
+                a = a.to(spec.device, non_blocking=True)
+        out.append(a)
+    return out
 
 
 def call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None = None) -> Any:

@@ -1,39 +1,54 @@
-"""The plan: which strategy, which AD mode per target, and the chunk boundaries.
+"""The plan: strategy, AD mode per target, rows per batched VJP, and the chunk size.
 
 A plan is data (a frozen dataclass): it can be printed, compared and tested without running a model.
-The executor only carries it out. This is the one place where chunk boundaries are decided.
+The executor only carries it out. Chunk sizes are decided here; ``Plan.chunk_at`` is the one place
+where chunk boundaries are computed (the executor's out-of-memory back-off asks it with a smaller size).
+
+# NOTE: [Choosing the AD mode]
+# The sum trick costs one forward plus one VJP per per-sample output element in reverse mode, or one
+# JVP per per-sample input element in forward mode. Both can vectorise several rows/columns in one
+# call (is_grads_batched / vmap) or loop over them; which is faster depends on the model (measured
+# here, 1e5 samples: sin is 3x faster vectorised, the PINN MLP 3->128x3->3 1.3x faster looped).
+# So the planner measures: every candidate (mode x vectorised-or-looped) is run by the probe on small
+# chunks, its peak memory and time fitted as a + b*n, and the fastest whose chunk fits the budget wins.
+# Without a time measurement (a single candidate) the count rule decides: forward mode only when
+# 2 * n_in < n_out, a JVP column costing about twice a VJP row here. Shared tensors (a parameter, an
+# unbatched input) always use forward mode: reverse mode would sum their per-sample contributions.
+#
+# NOTE: [Chunking for speed]
+# Chunks exist for memory, but they also make the run faster on CPUs: a chunk whose saved activations
+# fit in the caches runs the backward passes out of cache. Measured here (PINN MLP, 1e5 samples,
+# reverse mode): one chunk 0.61 s; chunks of 2k-16k samples 0.36-0.42 s. Operations that save little
+# per sample (sin) gain nothing and pay a Python overhead per chunk, so the speed chunk is sized by the
+# bytes autograd saves per sample; the budget can only make it smaller.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from ._probe import Probe
+from ._budget import format_bytes
+from ._errors import BudgetError
+from ._probe import Measurement, Probe, ProbeCache, measure_memory, measure_time, probe
 from ._spec import Spec
 
-# NOTE: [Choosing the AD mode]
-# The sum trick costs one forward plus one VJP per per-sample output element in reverse mode, or one
-# JVP per per-sample input element in forward mode (the forward rides along with the JVP). Measured
-# here (2-core CPU, torch 2.13, PINN MLP 3->128x3->3 at 1e5 samples) a JVP column costs about twice a
-# VJP row (1.15 s for 3 JVPs vs 0.63 s for forward + 3 VJPs), so "auto" picks forward mode only when
-# 2 * n_in < n_out. Shared tensors (a parameter, an unbatched input) always use forward mode: reverse
-# mode would sum their per-sample contributions.
 JVP_COST = 2.0
-
-# NOTE: [Chunking for speed]
-# Chunks exist for memory (the budget planner) but they also make the run faster on CPUs: a chunk
-# whose saved activations fit in the caches runs the backward passes out of cache. Measured here
-# (PINN MLP 3->128x3->3, 1e5 samples, reverse mode): one chunk 0.61 s; chunks of 2k-16k samples
-# 0.36-0.42 s. Operations that save little per sample (sin, a 5->2->10 MLP) gain nothing and pay a
-# Python overhead per chunk, so the chunk is sized by the bytes autograd saves per sample.
 CACHE_BYTES = 32 * 2**20
+# Plan chunks to predicted peak <= SAFETY * budget: the fit misses allocator fragmentation and
+# kernel workspaces (measured on CPU: within 25% of RSS growth at 4k-16k samples).
+SAFETY = 0.8
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How a call will run. ``modes[k]`` is the AD mode of target k (``"reverse"`` or ``"forward"``)."""
+    """How a call will run. ``modes[k]`` is the AD mode of target k (``"reverse"`` or ``"forward"``).
+
+    ``peak_bytes`` is the predicted peak of one chunk on ``device``; ``seconds`` the predicted total
+    (None where time was not measured); ``budget_bytes`` the budget the chunk was sized for.
+    """
 
     strategy: str
     modes: tuple[str, ...]
@@ -45,6 +60,9 @@ class Plan:
     in_numels: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    peak_bytes: int = 0
+    seconds: float | None = None
+    budget_bytes: int | None = None
 
     @property
     def mode(self) -> str:
@@ -54,17 +72,22 @@ class Plan:
     def num_chunks(self) -> int:
         return -(-self.batch_size // self.chunk_size)
 
+    def chunk_at(self, start: int, size: int | None = None) -> tuple[int, int]:
+        """The chunk that starts at sample ``start``: (start, stop), of ``size`` (default chunk_size)."""
+        return start, min(start + (size or self.chunk_size), self.batch_size)
+
     def chunks(self) -> Iterator[tuple[int, int]]:
         """(start, stop) of every chunk, in order."""
-        for start in range(0, self.batch_size, self.chunk_size):
-            yield start, min(start + self.chunk_size, self.batch_size)
+        start = 0
+        while start < self.batch_size:
+            start, stop = self.chunk_at(start)
+            yield start, stop
+            start = stop
 
     @property
     def products_per_chunk(self) -> tuple[int, int]:
         """(batched VJPs, batched JVPs) one chunk costs."""
-        rows = 1
-        for s in self.out_shape:
-            rows *= s
+        rows = _numel(self.out_shape)
         vjps = -(-rows // self.rows_per_vjp) if "reverse" in self.modes else 0
         jvps = sum(-(-n // self.cols_per_jvp) for n, m in zip(self.in_numels, self.modes) if m == "forward")
         return vjps, jvps
@@ -74,38 +97,127 @@ class Plan:
         vjps, jvps = self.products_per_chunk
         work = []
         if vjps:
-            work.append(f"{vjps} batched VJP{'s' * (vjps != 1)}")
+            rows = _numel(self.out_shape)
+            work.append(f"{rows} VJP{'s' * (rows != 1)} per chunk in {vjps} call{'s' * (vjps != 1)}")
         if jvps:
-            work.append(f"{jvps} batched JVP{'s' * (jvps != 1)}")
-        return (f"{self.batch_size:,} samples in {self.num_chunks:,} {c} of {self.chunk_size:,} · "
-                f"{self.strategy}, {self.mode} mode, {' + '.join(work)} per chunk · "
-                f"{self.dtype} on {self.device}")
+            cols = sum(n for n, m in zip(self.in_numels, self.modes) if m == "forward")
+            work.append(f"{cols} JVP{'s' * (cols != 1)} per chunk in {jvps} call{'s' * (jvps != 1)}")
+        parts = [f"{self.batch_size:,} samples in {self.num_chunks:,} {c} of {self.chunk_size:,}",
+                 f"{self.mode} mode, {' + '.join(work)}"]
+        peak = f"peak ≈ {format_bytes(self.peak_bytes)}"
+        if self.budget_bytes is not None:
+            peak += f" of {format_bytes(self.budget_bytes)}"
+        parts.append(f"{peak} on {self.device}")
+        if self.seconds is not None:
+            parts.append(f"≈ {_format_seconds(self.seconds)}")
+        return " · ".join(parts)
 
 
-def make_plan(spec: Spec, probe: Probe) -> Plan:
-    n_out = probe.out_numel
-    batched_in = sum(t.numel for t in spec.targets if t.batched)
-    if spec.mode != "auto":
-        batched_mode = spec.mode
-    else:
-        batched_mode = "forward" if JVP_COST * batched_in < n_out else "reverse"
-    modes = tuple(batched_mode if t.batched else "forward" for t in spec.targets)
-    return Plan(
-        strategy="sum_trick",
-        modes=modes,
-        batch_size=spec.batch_size,
-        chunk_size=_chunk_size(spec.batch_size, probe.saved_bytes_per_sample),
-        rows_per_vjp=max(n_out, 1),
-        cols_per_jvp=max([t.numel for t in spec.targets] + [1]),
-        out_shape=probe.out_shape,
-        in_numels=tuple(t.numel for t in spec.targets),
-        dtype=probe.dtype,
-        device=probe.device,
-    )
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
-def _chunk_size(batch_size: int, saved_bytes_per_sample: float) -> int:
+def _format_seconds(s: float) -> str:
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def speed_chunk(batch_size: int, saved_bytes_per_sample: float) -> int:
     """The chunk whose saved activations fill about CACHE_BYTES (see [Chunking for speed])."""
     if saved_bytes_per_sample <= 0:
         return batch_size
     return max(1, min(batch_size, int(CACHE_BYTES // saved_bytes_per_sample)))
+
+
+def candidates(spec: Spec, p: Probe, device: torch.device) -> list[Plan]:
+    """Every (mode, vectorisation) worth measuring, the count rule's choice first."""
+    n_out = p.out_numel
+    batched_in = sum(t.numel for t in spec.targets if t.batched)
+    shared_only = not any(t.batched for t in spec.targets)
+    if spec.mode != "auto":
+        modes = [spec.mode]
+    else:
+        preferred = "forward" if JVP_COST * batched_in < n_out else "reverse"
+        other = "reverse" if preferred == "forward" else "forward"
+        # Measure the other mode only where it could win: counts within a factor of 4.
+        close = 0 < batched_in <= 4 * n_out and n_out <= 4 * batched_in
+        modes = [preferred] + ([other] if close and not shared_only else [])
+    max_in = max(t.numel for t in spec.targets)
+    plans = []
+    for mode in modes:
+        target_modes = tuple(mode if t.batched else "forward" for t in spec.targets)
+        uses_reverse = "reverse" in target_modes
+        blocks = [n_out, 1] if uses_reverse else [max_in, 1]
+        for block in dict.fromkeys(max(b, 1) for b in blocks):
+            plans.append(Plan(
+                strategy="sum_trick", modes=target_modes, batch_size=spec.batch_size,
+                chunk_size=spec.batch_size,
+                rows_per_vjp=block if uses_reverse else max(n_out, 1),
+                cols_per_jvp=max_in if uses_reverse else block,
+                out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
+                device=device))
+    return plans
+
+
+def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: int | None = None,
+              cache: ProbeCache | None = None) -> Plan:
+    """Measure the candidates on small chunks and pick the fastest whose chunk fits ``budget_bytes``.
+
+    ``chunk_size`` overrides the chunk (the plan still reports its predicted peak). Raises
+    :class:`BudgetError` when the budget cannot hold one sample of any candidate.
+    """
+    cache = cache if cache is not None else ProbeCache(size=0)
+    key = cache.key(spec, str(device))
+    p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec))
+    plans = candidates(spec, p, device)
+    measured = []
+    for plan in plans:
+        cand_key = key + (plan.modes, plan.rows_per_vjp, plan.cols_per_jvp)
+        m = cache.get(cand_key + ("memory",), spec.fn, lambda: measure_memory(spec, plan))
+        measured.append((plan, m, cand_key))
+    fitted = []
+    for plan, m, cand_key in measured:
+        n = min(chunk_size, spec.batch_size) if chunk_size else min(speed_chunk(spec.batch_size, p.saved_bytes_per_sample),
+                              _fits(m, budget_bytes, spec.batch_size))
+        if n >= 1:
+            fitted.append((plan, m, n, cand_key))
+    if not fitted:
+        one = min(m.peak(1) for _, m, _ in measured)
+        need = one / SAFETY
+        raise BudgetError(
+            f"chunkjac: budget={format_bytes(budget_bytes)} cannot hold the work of even one sample on "
+            f"{device}: one sample needs about {format_bytes(one)} (with the planner's margin, a "
+            f"budget of {format_bytes(need)}). Pass budget='{_round_up(need)}' or more.")
+    if len(fitted) > 1:
+        timed = []
+        for plan, m, n, cand_key in fitted:
+            m = cache.get(cand_key + ("time", n), spec.fn, lambda: measure_time(spec, plan, m, n))
+            chunks = -(-spec.batch_size // n)
+            timed.append((chunks * m.sec_const + spec.batch_size * m.sec_per_sample, plan, m, n))
+        seconds, plan, m, n = min(timed, key=lambda t: t[0])
+    else:
+        (plan, m, n, _), seconds = fitted[0], None
+    return dataclasses.replace(plan, chunk_size=n, peak_bytes=int(m.peak(n)), seconds=seconds,
+                               budget_bytes=budget_bytes)
+
+
+def _fits(m: Measurement, budget_bytes: int, batch_size: int) -> int:
+    """The largest chunk whose predicted peak stays inside SAFETY * budget (0 if not one sample)."""
+    room = SAFETY * budget_bytes - m.mem_const
+    if m.mem_per_sample <= 0:
+        return batch_size if room >= 0 else 0
+    return int(max(0, min(batch_size, room // m.mem_per_sample)))
+
+
+def _round_up(nbytes: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= size:
+            v = nbytes / size
+            return f"{int(v) + 1}{unit}" if v < 100 else f"{int(v / 10 + 1) * 10}{unit}"
+    return f"{int(nbytes) + 1}"

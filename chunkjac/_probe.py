@@ -1,19 +1,25 @@
-"""Probe: run fn on a few samples to learn what it returns before planning.
+"""Probe: run fn on a few samples to learn what it returns and what it costs, before planning.
 
-It learns the per-sample output shape, dtype and device (validating ``output`` and the batch dim
-early and cheaply), and the bytes autograd saves for backward per sample, fitted on two sizes so that
-what does not grow with the batch (weights saved by matmuls) drops out. The memory planner extends
-this with measured time and peak memory.
+``probe`` learns the per-sample output shape, dtype and device (validating ``output`` and the batch
+dim early and cheaply), and the bytes autograd saves for backward per sample, fitted on two sizes so
+that what does not grow with the batch (weights saved by matmuls) drops out. ``measure`` runs a
+candidate plan's strategy on small chunks and fits peak memory and time as ``a + b * n``.
+Both are cached in a :class:`ProbeCache` so that a second call does not probe again.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ._function import call, chunk_args, select
+from ._memory import measure_peak
 from ._spec import Spec
 
 PROBE_SIZES = (2, 10)  # at least two: BatchNorm in training mode refuses a single sample
@@ -76,3 +82,112 @@ def probe(spec: Spec) -> Probe:
     per_sample = (s1 - s0) / (n1 - n0) if n1 > n0 else s0 / n0
     return Probe(out_shape=tuple(y.shape[1:]), dtype=y.dtype, device=y.device,
                  saved_bytes_per_sample=max(per_sample, 0.0))
+
+
+MEMORY_SIZES = (8, 32)  # samples per probe chunk for the memory fit
+TIME_SIZES = (256, 1024)  # ... and for the time fit (capped by the candidate's chunk)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Peak bytes and seconds of one chunk of n samples, fitted as ``const + per_sample * n``."""
+
+    mem_const: float
+    mem_per_sample: float
+    sec_const: float = 0.0
+    sec_per_sample: float = 0.0
+    timed: bool = False
+
+    def peak(self, n: int) -> float:
+        return self.mem_const + self.mem_per_sample * n
+
+    def seconds(self, n: int) -> float:
+        return self.sec_const + self.sec_per_sample * n
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    (n0, v0), (n1, v1) = points[0], points[-1]
+    if n1 == n0:
+        return 0.0, v1 / n1
+    slope = max((v1 - v0) / (n1 - n0), 0.0)
+    return max(v1 - slope * n1, 0.0), slope
+
+
+def _run(spec: Spec, plan, n: int):
+    from ._strategies import STRATEGIES  # strategies import the plan; the probe runs them
+    quiet = dataclasses.replace(spec, return_outputs=False)
+    small = dataclasses.replace(plan, batch_size=n, chunk_size=n)
+    return STRATEGIES[plan.strategy](quiet, small, chunk_args(spec, 0, n), n)
+
+
+def measure_memory(spec: Spec, plan) -> Measurement:
+    sizes = sorted({min(spec.batch_size, s) for s in MEMORY_SIZES})
+    points = []
+    with preserved_buffers(spec.fn):
+        for n in sizes:
+            peak, result = measure_peak(lambda: _run(spec, plan, n), plan.device)
+            del result
+            points.append((n, float(peak)))
+    a, b = _fit(points)
+    return Measurement(mem_const=a, mem_per_sample=b)
+
+
+def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
+    """Adds the time fit, from chunks of up to ``largest`` samples (best of two runs each)."""
+    sizes = sorted({max(1, min(largest, s, spec.batch_size)) for s in TIME_SIZES})
+    points = []
+    with preserved_buffers(spec.fn):
+        for n in sizes:
+            best = float("inf")
+            for _ in range(2):
+                if plan.device.type == "cuda":
+                    torch.cuda.synchronize(plan.device)
+                t = time.perf_counter()
+                _run(spec, plan, n)
+                if plan.device.type == "cuda":
+                    torch.cuda.synchronize(plan.device)
+                best = min(best, time.perf_counter() - t)
+            points.append((n, best))
+    c, d = _fit(points)
+    return dataclasses.replace(m, sec_const=c, sec_per_sample=d, timed=True)
+
+
+class ProbeCache:
+    """Probe results per (fn, input shapes/dtypes/devices, call options, candidate plan).
+
+    Entries hold fn weakly: they go when fn goes. At most ``size`` entries, least recently used first
+    out. ``chunkjac.probe_cache`` is the instance ``compute`` uses; ``.clear()`` empties it.
+    """
+
+    def __init__(self, size: int = 128):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = 0
+
+    @staticmethod
+    def key(spec: Spec, *extra) -> tuple:
+        shapes = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, torch.Tensor) else type(a).__name__
+                       for a in spec.args)
+        targets = tuple((t.kind, t.index, t.name) for t in spec.targets)
+        return (id(spec.fn), shapes, spec.in_dims, targets, repr(spec.output), spec.create_graph, *extra)
+
+    def get(self, key, fn, compute):
+        """The cached value for ``key`` (whose first item is ``id(fn)``), computed on a miss."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is fn:  # the same fn, not a new object at a reused id
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+        value = compute()
+        try:
+            ref = weakref.ref(fn)
+        except TypeError:  # builtins (torch.sin) cannot be weakly referenced, and live forever anyway
+            ref = lambda fn=fn: fn  # noqa: E731
+        self._entries[key] = (ref, value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.hits = 0

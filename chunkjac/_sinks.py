@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
 class MemorySink:
@@ -15,8 +15,9 @@ class MemorySink:
     instead, so the result stays differentiable.
     """
 
-    def __init__(self, batch_size: int, differentiable: bool, keep_outputs: bool):
+    def __init__(self, batch_size: int, differentiable: bool, keep_outputs: bool, device: torch.device):
         self.batch_size = batch_size
+        self.device = device
         self.differentiable = differentiable
         self.keep_outputs = keep_outputs
         self._jacs: list | None = None
@@ -25,15 +26,16 @@ class MemorySink:
         self._whole = False
 
     def write(self, start: int, stop: int, jacs: list[torch.Tensor], outputs: Any) -> None:
+        jacs = [j.to(self.device) for j in jacs]
         if self.keep_outputs:
-            self._outputs.append(outputs)
+            self._outputs.append(tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, outputs))
         if start == 0 and stop == self.batch_size:
             self._jacs, self._whole = list(jacs), True
         elif self.differentiable:
             self._parts.append(list(jacs))
         else:
             if self._jacs is None:
-                self._jacs = [j.new_empty((self.batch_size, *j.shape[1:])) for j in jacs]
+                self._jacs = [j.new_empty((self.batch_size, *j.shape[1:]), device=self.device) for j in jacs]
             for dst, j in zip(self._jacs, jacs):
                 dst[start:stop].copy_(j)
 

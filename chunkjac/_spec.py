@@ -57,6 +57,8 @@ class Spec:
     coupling: str
     create_graph: bool
     return_outputs: bool
+    device: torch.device      # where chunks are computed
+    home: torch.device        # where the batched inputs live, and the results go
 
     def param(self, name: str) -> torch.Tensor:
         return _module_tensors(self.fn)[name]
@@ -74,12 +76,17 @@ def _describe(v: Any) -> str:
     return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, type(None))) else type(v).__name__
 
 
-def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs) -> Spec:
+def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
+              device=None) -> Spec:
     if not callable(fn):
         raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
     args = _normalize_inputs(inputs)
     dims = _normalize_in_dims(in_dims, args)
     batch_size = _batch_size(args, dims)
+    home = next(a.device for a, d in zip(args, dims) if d is not None)
+    device = _resolve_device(device, fn, home)
+    # Shared tensors go to the compute device once; batched ones stream there chunk by chunk.
+    args = tuple(a.to(device) if d is None and isinstance(a, torch.Tensor) else a for a, d in zip(args, dims))
     targets, single = _normalize_wrt(wrt, fn, args, dims)
     if mode not in MODES:
         raise ValueError(f"chunkjac: mode must be one of {MODES}, got {mode!r}.")
@@ -97,7 +104,25 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
             "no BatchNorm in training mode); check your model, then pass coupling='independent'.")
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
-                return_outputs=bool(return_outputs))
+                return_outputs=bool(return_outputs), device=device, home=home)
+
+
+def _resolve_device(device, fn, home: torch.device) -> torch.device:
+    """``device`` if given, else where fn's parameters are, else where the batched inputs are."""
+    params = [p.device for p in fn.parameters()] if isinstance(fn, nn.Module) else []
+    if device is None:
+        return params[0] if params else home
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"chunkjac: device={device!r} is not a device; use e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if params and params[0] != device:
+        raise ValueError(
+            f"chunkjac: device={str(device)!r} but fn's parameters are on {params[0]}; move the model "
+            f"first (model.to({str(device)!r})) or leave device=None to compute where they are.")
+    return device
 
 
 def _normalize_inputs(inputs) -> tuple:

@@ -9,7 +9,6 @@ from torch.func import functional_call, jacrev, vmap
 
 import chunkjac
 from chunkjac._executor import execute
-from chunkjac._plan import make_plan
 from chunkjac._probe import probe
 from chunkjac._spec import normalize
 
@@ -333,7 +332,7 @@ def _run_with(f, args, plan_changes, **kw):
                 return_outputs=False)
     opts.update(kw)
     spec = normalize(f, args, **opts)
-    plan = dataclasses.replace(make_plan(spec, probe(spec)), **plan_changes)
+    plan = dataclasses.replace(chunkjac.plan(f, args, **opts), **plan_changes)
     return execute(spec, plan)
 
 

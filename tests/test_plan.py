@@ -1,26 +1,36 @@
 """The plan: AD mode choice, chunk sizing and the readable report, without computing Jacobians."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from chunkjac._plan import CACHE_BYTES, _chunk_size, make_plan
+import chunkjac
+from chunkjac._plan import CACHE_BYTES, Plan, candidates, speed_chunk
 from chunkjac._probe import probe
 from chunkjac._spec import normalize
 
 
 def plan_of(fn, inputs, **kw):
-    opts = dict(wrt=0, output=None, in_dims=0, mode="auto", coupling="independent", create_graph=False,
-                return_outputs=False)
-    opts.update(kw)
-    spec = normalize(fn, inputs, **opts)
-    return make_plan(spec, probe(spec))
+    return chunkjac.plan(fn, inputs, **kw)
 
 
-@pytest.mark.parametrize("n_in, n_out, mode", [(3, 3, "reverse"), (2, 10, "forward"), (5, 10, "reverse"),
-                                               (784, 10, "reverse"), (1, 3, "forward")])
-def test_auto_mode_by_dimension_counts(n_in, n_out, mode):
+@pytest.mark.parametrize("n_in, n_out, mode", [(2, 10, "forward"), (1, 8, "forward"), (784, 10, "reverse"),
+                                               (8, 1, "reverse")])
+def test_auto_mode_by_dimension_counts_when_far_apart(n_in, n_out, mode):
     f = nn.Linear(n_in, n_out)
     assert plan_of(f, torch.randn(8, n_in)).modes == (mode,)
+
+
+def test_close_counts_measure_both_modes_and_both_vectorisations():
+    f = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    spec = normalize(f, torch.randn(64, 3), wrt=0, output=None, in_dims=0, mode="auto", coupling="independent",
+                     create_graph=False, return_outputs=False)
+    cands = candidates(spec, probe(spec), torch.device("cpu"))
+    assert {(c.modes, c.rows_per_vjp if c.mode == "reverse" else c.cols_per_jvp) for c in cands} == {
+        (("reverse",), 3), (("reverse",), 1), (("forward",), 3), (("forward",), 1)}
+    p = plan_of(f, torch.randn(64, 3))
+    assert p.seconds is not None and p.seconds > 0  # chosen by measured time
 
 
 def test_shared_targets_use_forward_mode_and_explicit_modes_are_kept():
@@ -42,10 +52,10 @@ def test_probe_measures_saved_bytes_per_sample():
 
 
 def test_chunk_size_fills_the_cache_target():
-    assert _chunk_size(10**6, 0.0) == 10**6
-    assert _chunk_size(10**6, 12.0) == 10**6
-    assert _chunk_size(10**6, 1536.0) == CACHE_BYTES // 1536
-    assert _chunk_size(10, 10.0 * CACHE_BYTES) == 1
+    assert speed_chunk(10**6, 0.0) == 10**6
+    assert speed_chunk(10**6, 12.0) == 10**6
+    assert speed_chunk(10**6, 1536.0) == CACHE_BYTES // 1536
+    assert speed_chunk(10, 10.0 * CACHE_BYTES) == 1
 
 
 def test_chunks_cover_the_batch_once():
@@ -58,8 +68,13 @@ def test_chunks_cover_the_batch_once():
 
 
 def test_plan_report():
-    p = plan_of(nn.Linear(5, 10), torch.randn(1000, 5))
-    assert str(p) == ("1,000 samples in 1 chunk of 1,000 · sum_trick, reverse mode, 1 batched VJP per chunk · "
-                      "torch.float32 on cpu")
-    p = plan_of(nn.Linear(2, 10), torch.randn(1000, 2))
-    assert "forward mode, 1 batched JVP per chunk" in str(p)
+    p = Plan(strategy="sum_trick", modes=("reverse",), batch_size=1_000_000, chunk_size=131_072, rows_per_vjp=3,
+             cols_per_jvp=3, out_shape=(3,), in_numels=(3,), dtype=torch.float32, device=torch.device("cpu"),
+             peak_bytes=17_200_000_000, seconds=41.0, budget_bytes=20_000_000_000)
+    assert str(p) == ("1,000,000 samples in 8 chunks of 131,072 · reverse mode, 3 VJPs per chunk in 1 call · "
+                      "peak ≈ 17.2 GB of 20 GB on cpu · ≈ 41 s")
+    p = dataclasses.replace(p, modes=("reverse", "forward"), in_numels=(3, 2), rows_per_vjp=1, cols_per_jvp=1,
+                            seconds=None)
+    assert "mixed mode, 3 VJPs per chunk in 3 calls + 2 JVPs per chunk in 2 calls · peak" in str(p)
+    assert str(p).endswith("on cpu")
+    assert plan_of(nn.Linear(5, 10), torch.randn(1000, 5)).budget_bytes > 0
