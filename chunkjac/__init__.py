@@ -31,6 +31,11 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
         raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
     budget_bytes = parse_budget(budget, free_bytes(spec.device))
     p = make_plan(spec, spec.device, budget_bytes, chunk_size=chunk_size, cache=probe_cache)
+    if return_outputs and p.num_chunks > 1 and not p.batched_outputs:
+        raise ValueError(
+            f"chunkjac: return_outputs=True, but fn returns a tensor without the batch in its leading dim, "
+            f"and the plan runs {p.num_chunks} chunks, each giving its own value for it. Return per-sample "
+            "tensors only, or leave return_outputs=False and compute that output separately.")
     check_forward_mode(spec, p)
     return spec, p
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._budget import format_bytes
-from ._errors import BudgetError
+from ._errors import BudgetError, is_out_of_memory
 from ._function import chunk_args
 from ._plan import Plan
 from ._sinks import MemorySink
@@ -22,14 +22,6 @@ from ._spec import Spec
 from ._strategies import STRATEGIES
 
 LONG_RUN_SECONDS = 10.0  # progress=None shows a bar for runs predicted to take longer
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, (RuntimeError, MemoryError)) and (
-        "out of memory" in msg or "can't allocate memory" in msg or isinstance(e, MemoryError))
 
 
 def _show_progress(progress, plan: Plan) -> bool:

@@ -17,6 +17,8 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
     for a, d in zip(spec.args, spec.in_dims):
         if d is not None:
             a = a.narrow(d, start, stop - start)
+            if a.is_inference():  # made under inference_mode: autograd cannot record on it
+                a = a.clone()
             if a.device != spec.device:
                 if spec.device.type == "cuda" and a.device.type == "cpu":
                     a = a.pin_memory()
@@ -27,9 +29,17 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
 
 def call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None = None) -> Any:
     """fn(*args), with module parameters/buffers replaced by ``params`` (torch.func.functional_call)."""
-    if params:
+    if not params:
+        return spec.fn(*args)
+    # functional_call can leave plain tensors in place of the Parameters of a submodule that appears
+    # twice in the module tree (pytorch#164759); put every original entry back.
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in spec.fn.modules()]
+    try:
         return functional_call(spec.fn, params, tuple(args))
-    return spec.fn(*args)
+    finally:
+        for m, ps, bs in saved:
+            m._parameters.update(ps)
+            m._buffers.update(bs)
 
 
 def select(spec: Spec, out: Any, n: int) -> torch.Tensor:

@@ -43,14 +43,15 @@ class _LiveBytes(TorchDispatchMode):
     the tracked work allocates. Freed storages are noticed through weak references.
     """
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
+        self.existing = {_storage_key(t) for t in existing}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        known = set()
+        known = set(self.existing)
         for t in tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor):
                 with contextlib.suppress(RuntimeError):
@@ -73,8 +74,19 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def measure_peak(work, device: torch.device) -> tuple[int, object]:
-    """(peak bytes allocated while ``work()`` runs, its result). CUDA: the allocator's own peak."""
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return 0
+
+
+def measure_peak(work, device: torch.device, existing=()) -> tuple[int, object]:
+    """(peak bytes allocated while ``work()`` runs, its result). CUDA: the allocator's own peak.
+
+    On the CPU, storages of the ``existing`` tensors (inputs, weights) are not counted even where the
+    work makes new views of them.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -82,6 +94,6 @@ def measure_peak(work, device: torch.device) -> tuple[int, object]:
         result = work()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, result
-    with _LiveBytes() as tracker:
+    with _LiveBytes(existing) as tracker:
         result = work()
     return tracker.peak, result

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ._function import call, chunk_args, select
 from ._memory import measure_peak
@@ -31,6 +32,7 @@ class Probe:
     dtype: torch.dtype
     device: torch.device
     saved_bytes_per_sample: float  # activations autograd keeps for a reverse pass
+    batched_outputs: bool = True   # every tensor fn returns carries the batch in its leading dim
 
     @property
     def out_numel(self) -> int:
@@ -69,23 +71,42 @@ def _forward_saving(spec: Spec, n: int) -> tuple[torch.Tensor, int]:
     for t in spec.targets:
         if t.batched:
             args[t.index] = args[t.index].detach().requires_grad_(True)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = select(spec, call(spec, args), n)
-    return y.detach(), sum(saved.values())
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = call(spec, args)
+    except RuntimeError as e:
+        if "saved tensor hooks" not in str(e):
+            raise
+        # fn uses torch.func inside, which refuses these hooks: no cache-size estimate, same answers.
+        saved.clear()
+        with torch.enable_grad():
+            out = call(spec, args)
+    return out, select(spec, out, n).detach(), sum(saved.values())
 
 
 def probe(spec: Spec) -> Probe:
     sizes = sorted({min(spec.batch_size, s) for s in PROBE_SIZES})
     with preserved_buffers(spec.fn):
         runs = [(n, *_forward_saving(spec, n)) for n in sizes]
-    (n0, y, s0), (n1, _, s1) = runs[0], runs[-1]
+    (n0, out0, y, s0), (n1, out1, _, s1) = runs[0], runs[-1]
     per_sample = (s1 - s0) / (n1 - n0) if n1 > n0 else s0 / n0
     return Probe(out_shape=tuple(y.shape[1:]), dtype=y.dtype, device=y.device,
-                 saved_bytes_per_sample=max(per_sample, 0.0))
+                 saved_bytes_per_sample=max(per_sample, 0.0),
+                 batched_outputs=n1 > n0 and all(_carries(a, n0) and _carries(b, n1)
+                                                 for a, b in zip(tree_leaves(out0), tree_leaves(out1))
+                                                 if isinstance(a, torch.Tensor)))
+
+
+def _carries(t: torch.Tensor, n: int) -> bool:
+    return t.dim() > 0 and t.shape[0] == n
 
 
 MEMORY_SIZES = (8, 32)  # samples per probe chunk for the memory fit
-TIME_SIZES = (256, 1024)  # ... and for the time fit (capped by the candidate's chunk)
+# The time fit needs chunks large enough that per-sample work, not Python overhead, shows: chunk
+# sizes double from TIME_START until one call takes TIME_TARGET seconds (or the candidate's chunk is
+# reached); the fit uses that size and a quarter of it.
+TIME_START = 1024
+TIME_TARGET = 0.02
 
 
 @dataclass(frozen=True)
@@ -123,9 +144,12 @@ def _run(spec: Spec, plan, n: int):
 def measure_memory(spec: Spec, plan) -> Measurement:
     sizes = sorted({min(spec.batch_size, s) for s in MEMORY_SIZES})
     points = []
+    existing = [a for a in spec.args if isinstance(a, torch.Tensor)]
+    if isinstance(spec.fn, nn.Module):
+        existing += list(spec.fn.parameters()) + list(spec.fn.buffers())
     with preserved_buffers(spec.fn):
         for n in sizes:
-            peak, result = measure_peak(lambda: _run(spec, plan, n), plan.device)
+            peak, result = measure_peak(lambda: _run(spec, plan, n), plan.device, existing)
             del result
             points.append((n, float(peak)))
     a, b = _fit(points)
@@ -134,20 +158,27 @@ def measure_memory(spec: Spec, plan) -> Measurement:
 
 def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
     """Adds the time fit, from chunks of up to ``largest`` samples (best of two runs each)."""
-    sizes = sorted({max(1, min(largest, s, spec.batch_size)) for s in TIME_SIZES})
-    points = []
+
+    def seconds(n: int) -> float:
+        best = float("inf")
+        for _ in range(2):
+            if plan.device.type == "cuda":
+                torch.cuda.synchronize(plan.device)
+            t = time.perf_counter()
+            _run(spec, plan, n)
+            if plan.device.type == "cuda":
+                torch.cuda.synchronize(plan.device)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    largest = max(1, min(largest, spec.batch_size))
     with preserved_buffers(spec.fn):
-        for n in sizes:
-            best = float("inf")
-            for _ in range(2):
-                if plan.device.type == "cuda":
-                    torch.cuda.synchronize(plan.device)
-                t = time.perf_counter()
-                _run(spec, plan, n)
-                if plan.device.type == "cuda":
-                    torch.cuda.synchronize(plan.device)
-                best = min(best, time.perf_counter() - t)
-            points.append((n, best))
+        n = min(TIME_START, largest)
+        t = seconds(n)
+        while t < TIME_TARGET and n < largest:
+            n = min(2 * n, largest)
+            t = seconds(n)
+        points = [(max(1, n // 4), seconds(max(1, n // 4))), (n, t)] if n > 1 else [(n, t)]
     c, d = _fit(points)
     return dataclasses.replace(m, sec_const=c, sec_per_sample=d, timed=True)
 

@@ -30,7 +30,7 @@ class MemorySink:
         if self.keep_outputs:
             self._outputs.append(tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, outputs))
         if start == 0 and stop == self.batch_size:
-            self._jacs, self._whole = list(jacs), True
+            self._jacs, self._whole = [_own_memory(j) for j in jacs], True
         elif self.differentiable:
             self._parts.append(list(jacs))
         else:
@@ -45,18 +45,25 @@ class MemorySink:
         return self._jacs
 
     def outputs(self) -> Any:
+        """fn's outputs for the whole batch: tensors that carry the batch in their leading dim are
+        concatenated; anything else is taken from the first chunk (the planner refuses several chunks
+        where a tensor output does not carry the batch, see ``batched_outputs`` in the probe)."""
         if len(self._outputs) == 1:
             return self._outputs[0]
-        flat = [tree_flatten(o) for o in self._outputs]
-        leaves0, spec = flat[0]
+        flat = [tree_flatten(o)[0] for o in self._outputs]
+        leaves0, spec = tree_flatten(self._outputs[0])
         merged = []
         for k, leaf in enumerate(leaves0):
-            parts = [leaves[k] for leaves, _ in flat]
             if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-                merged.append(torch.cat(parts, 0))
+                merged.append(torch.cat([leaves[k] for leaves in flat], 0))
             else:
-                raise ValueError(
-                    "chunkjac: return_outputs=True needs every tensor fn returns to hold the samples in "
-                    f"its leading dim when the batch runs in several chunks; output leaf {k} is "
-                    f"{type(leaf).__name__}{'' if not isinstance(leaf, torch.Tensor) else ' of shape ' + str(tuple(leaf.shape))}.")
+                merged.append(leaf)
         return tree_unflatten(merged, spec)
+
+
+def _own_memory(j: torch.Tensor) -> torch.Tensor:
+    """A broadcast Jacobian (y = x + 1 gives the same block for every sample, stride 0) would make
+    samples share memory; give them their own, as every other result has."""
+    if any(st == 0 and sz > 1 for st, sz in zip(j.stride(), j.shape)):
+        return j.contiguous()
+    return j

@@ -80,13 +80,17 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
               device=None) -> Spec:
     if not callable(fn):
         raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "chunkjac: called inside torch.inference_mode(), where autograd records nothing, so no "
+            "derivative can be taken. Call it outside inference_mode (inside torch.no_grad() is fine).")
     args = _normalize_inputs(inputs)
     dims = _normalize_in_dims(in_dims, args)
     batch_size = _batch_size(args, dims)
     home = next(a.device for a, d in zip(args, dims) if d is not None)
     device = _resolve_device(device, fn, home)
     # Shared tensors go to the compute device once; batched ones stream there chunk by chunk.
-    args = tuple(a.to(device) if d is None and isinstance(a, torch.Tensor) else a for a, d in zip(args, dims))
+    args = tuple(_shared(a, device) if d is None and isinstance(a, torch.Tensor) else a for a, d in zip(args, dims))
     targets, single = _normalize_wrt(wrt, fn, args, dims)
     if mode not in MODES:
         raise ValueError(f"chunkjac: mode must be one of {MODES}, got {mode!r}.")
@@ -105,6 +109,11 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
                 return_outputs=bool(return_outputs), device=device, home=home)
+
+
+def _shared(a: torch.Tensor, device: torch.device) -> torch.Tensor:
+    a = a.clone() if a.is_inference() else a  # inference tensors cannot enter an autograd graph
+    return a.to(device)
 
 
 def _resolve_device(device, fn, home: torch.device) -> torch.device:
@@ -134,8 +143,13 @@ def _normalize_inputs(inputs) -> tuple:
     out = []
     for a in args:
         if isinstance(a, np.ndarray):
-            # from_numpy shares memory; a read-only array (a memmap) is copied rather than aliased.
-            a = torch.from_numpy(a if a.flags.writeable else a.copy())
+            # from_numpy shares memory where it can; it refuses negative strides and foreign byte
+            # order, and warns on read-only arrays (a memmap): those are copied.
+            if not a.dtype.isnative:
+                a = a.astype(a.dtype.newbyteorder("="))
+            if any(st < 0 for st in a.strides) or not a.flags.writeable:
+                a = np.array(a)
+            a = torch.from_numpy(a)
         out.append(a)
     if not out:
         raise ValueError("chunkjac: inputs is an empty tuple; pass at least one batched tensor.")
@@ -235,9 +249,13 @@ def _target(w, fn, args, dims) -> Target:
             for name, t in _module_tensors(fn).items():
                 if t is w:
                     return _param_target(name, t)
-        for i, a in enumerate(args):
-            if a is w:
-                return _input_target(i, a, dims[i], f"wrt=<input {i}>")
+        same = [i for i, a in enumerate(args) if a is w]
+        if len(same) > 1:
+            raise ValueError(
+                f"chunkjac: wrt is the tensor passed as inputs {same}; say which one with its index "
+                f"(wrt={same[0]}), or a tuple of indices for each of them.")
+        if same:
+            return _input_target(same[0], args[same[0]], dims[same[0]], f"wrt=<input {same[0]}>")
         raise ValueError(
             f"chunkjac: wrt is {_describe(w)} that is neither one of fn's parameters or buffers nor one of "
             "the inputs. " + _CLOSURE_HELP)

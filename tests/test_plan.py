@@ -26,7 +26,8 @@ def test_close_counts_measure_both_modes_and_both_vectorisations():
     f = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
     spec = normalize(f, torch.randn(64, 3), wrt=0, output=None, in_dims=0, mode="auto", coupling="independent",
                      create_graph=False, return_outputs=False)
-    cands = candidates(spec, probe(spec), torch.device("cpu"))
+    cands, fallbacks = candidates(spec, probe(spec), torch.device("cpu"))
+    assert fallbacks == []
     assert {(c.modes, c.rows_per_vjp if c.mode == "reverse" else c.cols_per_jvp) for c in cands} == {
         (("reverse",), 3), (("reverse",), 1), (("forward",), 3), (("forward",), 1)}
     p = plan_of(f, torch.randn(64, 3))
@@ -59,7 +60,7 @@ def test_chunk_size_fills_the_cache_target():
 
 
 def test_chunks_cover_the_batch_once():
-    p = plan_of(nn.Sequential(nn.Linear(3, 4096), nn.Tanh()), torch.randn(5000, 3))
+    p = plan_of(nn.Sequential(nn.Linear(3, 4096), nn.Tanh()), torch.randn(5000, 3), budget="40MB")
     bounds = list(p.chunks())
     assert p.num_chunks == len(bounds) > 1
     assert bounds[0][0] == 0 and bounds[-1][1] == 5000

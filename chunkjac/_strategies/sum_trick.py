@@ -15,11 +15,10 @@ cols_per_jvp) batched JVPs, memory ~ cols_per_jvp x activations.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.func import jvp, vmap
 
+from .._errors import RandomFunctionError
 from .._function import call, detach_all, select, split_tensors
 from .._plan import Plan
 from .._spec import Spec
@@ -34,15 +33,20 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int):
     jacs: list = [None] * len(spec.targets)
     outputs = None
     reverse = [k for k, m in enumerate(plan.modes) if m == "reverse"]
+    # Reverse mode needs autograd whatever the caller's grad mode (torch.no_grad() around compute);
+    # forward mode records a graph only when the result must be differentiable.
     if reverse:
-        for k, j in zip(reverse, _reverse(spec, plan, args, n, reverse, out_box := [])):
-            jacs[k] = j
+        with torch.enable_grad():
+            for k, j in zip(reverse, _reverse(spec, plan, args, n, reverse, out_box := [])):
+                jacs[k] = j
         outputs = out_box[0]
     for k, m in enumerate(plan.modes):
         if m == "forward":
-            jacs[k], out = _forward(spec, plan, args, n, k)
+            with torch.enable_grad() if spec.create_graph else torch.no_grad():
+                jacs[k], out = _forward(spec, plan, args, n, k)
             outputs = out if outputs is None else outputs
     return jacs, outputs
+
 
 
 def _check_shape(plan: Plan, y: torch.Tensor) -> None:
@@ -65,9 +69,8 @@ def _reverse(spec: Spec, plan: Plan, args: list, n: int, ks: list[int], out_box:
             x = x.detach().requires_grad_(True)
         args[i] = x
         prims.append(x)
-    with torch.enable_grad():
-        out = call(spec, args)
-        y = select(spec, out, n)
+    out = call(spec, args)
+    y = select(spec, out, n)
     _check_shape(plan, y)
     out_box.append(out if create else detach_all(out))
     rows = y[0].numel()
@@ -129,6 +132,10 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int):
         d = None
     if not create:
         x = x.detach()
+    if d is not None:
+        # A chunk is a view into the whole batch, and forward AD gives each tangent the layout of the
+        # primal's whole storage: clone so that a JVP allocates a chunk, not a batch, per column.
+        x = x.clone()
     rebuild_box: list = []
 
     def g(v):
@@ -152,29 +159,33 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int):
     m = t.numel
     cols = []
     y = aux = None
-    with contextlib.nullcontext() if create else torch.no_grad():
-        eye = torch.eye(m, dtype=x.dtype, device=x.device)
-        step = plan.cols_per_jvp
-        c0 = 0
-        while c0 < m:
-            c1 = min(c0 + step, m)
-            tangents = eye[c0:c1].reshape(c1 - c0, *t.shape)
-            if d is not None:  # e_c broadcast over the batch dim of x
-                tangents = tangents.unsqueeze(1 + d).expand(c1 - c0, *x.shape)
-            if c1 - c0 == 1:
-                tan, (y, aux) = one(tangents[0])
-                tan = tan.unsqueeze(0)
-            else:
-                try:
-                    tan, (y, aux) = vmap(one, out_dims=(0, None))(tangents)
-                except RuntimeError:
-                    step = 1  # no batching rule for some op: the column loop is exact and always works
-                    continue
-            cols.append(tan)  # (k, n, *out)
-            c0 = c1
+    eye = torch.eye(m, dtype=x.dtype, device=x.device)
+    step = plan.cols_per_jvp
+    c0 = 0
+    while c0 < m:
+        c1 = min(c0 + step, m)
+        tangents = eye[c0:c1].reshape(c1 - c0, *t.shape)
+        if d is not None:  # e_c broadcast over the batch dim of x
+            tangents = tangents.unsqueeze(1 + d).expand(c1 - c0, *x.shape)
+        if c1 - c0 == 1:
+            tan, (y, aux) = one(tangents[0])
+            tan = tan.unsqueeze(0)
+        else:
+            try:
+                tan, (y, aux) = vmap(one, out_dims=(0, None))(tangents)
+            except RuntimeError as e:
+                if "randomness" in str(e):
+                    # A column loop would draw anew for each column: a Jacobian of no single draw.
+                    raise RandomFunctionError(
+                        "chunkjac: fn draws random numbers (dropout in training mode?), so forward mode "
+                        "would differentiate a different draw for each input column. Call model.eval(), "
+                        "or use mode='reverse', whose one forward pass shares a single draw.") from None
+                step = 1  # no batching rule for some op: the column loop is exact and always works
+                continue
+        cols.append(tan)  # (k, n, *out)
+        c0 = c1
     if y is None:  # a target with no elements
-        with torch.no_grad() if not create else contextlib.nullcontext():
-            y, aux = g(x)
+        y, aux = g(x)
     _check_shape(plan, y)
     j = cols[0] if len(cols) == 1 else torch.cat(cols, 0) if cols else y.new_zeros((0, *y.shape))
     j = j.movedim(0, -1).reshape(n, *plan.out_shape, *t.shape)
