@@ -36,6 +36,7 @@ from ._probe import Measurement, Probe, ProbeCache, measure_memory, measure_time
 from ._spec import Spec
 
 JVP_COST = 2.0
+BLOCK = 16
 CACHE_BYTES = 32 * 2**20
 # Plan chunks to predicted peak <= SAFETY * budget: the fit misses allocator fragmentation and
 # kernel workspaces (measured on CPU: within 25% of RSS growth at 4k-16k samples).
@@ -161,7 +162,10 @@ def candidates(spec: Spec, p: Probe, device: torch.device) -> tuple[list[Plan], 
     for mode in modes:
         target_modes = tuple(mode if t.batched else "forward" for t in spec.targets)
         uses_reverse = "reverse" in target_modes
-        blocks = [n_out, 1] if uses_reverse else [max_in, 1]
+        width = n_out if uses_reverse else max_in
+        # All rows in one call, one per call, and for wide outputs a middle block whose memory
+        # (BLOCK x the chunk's gradients) fits where all rows at once would not.
+        blocks = [width, 1] + ([BLOCK] if width > 2 * BLOCK else [])
         for block in dict.fromkeys(max(b, 1) for b in blocks):
             plans.append(Plan(
                 strategy="sum_trick", modes=target_modes, batch_size=spec.batch_size,

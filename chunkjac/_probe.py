@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ._errors import is_out_of_memory
 from ._function import call, chunk_args, select
 from ._memory import measure_peak
 from ._spec import Spec
@@ -174,10 +175,23 @@ def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
     largest = max(1, min(largest, spec.batch_size))
     with preserved_buffers(spec.fn):
         n = min(TIME_START, largest)
-        t = seconds(n)
+        while True:
+            try:
+                t = seconds(n)
+                break
+            except Exception as e:  # the memory fit was optimistic: time what does fit
+                if not is_out_of_memory(e) or n == 1:
+                    raise
+                n //= 2
+                largest = n
         while t < TIME_TARGET and n < largest:
-            n = min(2 * n, largest)
-            t = seconds(n)
+            bigger = min(2 * n, largest)
+            try:
+                t, n = seconds(bigger), bigger
+            except Exception as e:  # the memory fit was optimistic: time what did fit
+                if not is_out_of_memory(e):
+                    raise
+                break
         points = [(max(1, n // 4), seconds(max(1, n // 4))), (n, t)] if n > 1 else [(n, t)]
     c, d = _fit(points)
     return dataclasses.replace(m, sec_const=c, sec_per_sample=d, timed=True)

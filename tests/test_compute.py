@@ -367,3 +367,81 @@ def test_probe_leaves_batchnorm_running_stats_alone():
                      coupling="independent", create_graph=False, return_outputs=False)
     probe(spec)
     torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+
+
+def test_works_inside_no_grad():
+    f = mlp(3, 5, 2)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        for mode in MODES:
+            torch.testing.assert_close(chunkjac.compute(f, x, mode=mode), reference(f, x), **TOL)
+
+
+def test_inference_tensors_are_accepted_and_inference_mode_refused():
+    with torch.inference_mode():
+        x = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(chunkjac.compute(torch.sin, x), torch.diag_embed(torch.cos(x)), **TOL)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
+        chunkjac.compute(torch.sin, x)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_samples_never_share_result_memory(mode):
+    J = chunkjac.compute(lambda x: x + 1, torch.randn(9, 3, dtype=torch.float64), mode=mode)
+    J[0].zero_()
+    assert torch.equal(J[1], torch.eye(3, dtype=torch.float64))
+
+
+def test_random_function_uses_one_draw():
+    # dropout in training mode: forward mode would differentiate a new mask per column; auto must not.
+    A = torch.randn(2, 6, dtype=torch.float64)
+    f = lambda x: nn.functional.dropout(x @ A, p=0.3, training=True)  # noqa: E731
+    x = torch.randn(400, 2, dtype=torch.float64)
+    J, y = chunkjac.compute(f, x, return_outputs=True)
+    kept = (y != 0).double() / 0.7  # the mask of the one draw, recovered from the outputs
+    torch.testing.assert_close(J, kept[:, :, None] * A.T[None], **TOL)
+    with pytest.raises(RuntimeError, match="draws random numbers"):
+        chunkjac.compute(f, x, mode="forward")
+
+
+def test_auto_falls_back_when_the_preferred_mode_cannot_run():
+    W = torch.randn(1, 6, dtype=torch.float64)
+    f = lambda x: OldStyleSquare.apply(x @ W)  # noqa: E731  n_in=1, n_out=6: forward preferred, cannot run
+    x = torch.randn(5, 1, dtype=torch.float64)
+    torch.testing.assert_close(chunkjac.compute(f, x), (2 * (x @ W) * W)[..., None], **TOL)
+
+
+def test_functional_call_leaves_shared_submodules_intact():
+    lin = nn.Linear(3, 3).double()
+    seq = nn.Sequential(lin, nn.Tanh(), lin)
+    chunkjac.compute(seq, torch.randn(4, 3, dtype=torch.float64), wrt="0.weight")
+    assert isinstance(lin.weight, nn.Parameter) and lin.weight is seq[2].weight
+
+
+def test_fn_using_torch_func_inside():
+    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    u = lambda xi: m(xi).squeeze(-1)  # noqa: E731
+    residual = lambda x: torch.cat([u(x)[:, None], vmap(torch.func.grad(u))(x)], -1)  # noqa: E731
+    x = torch.randn(5, 2, dtype=torch.float64)
+    ref = vmap(jacrev(lambda xi: torch.cat([u(xi)[None], torch.func.grad(u)(xi)], -1)))(x)
+    torch.testing.assert_close(chunkjac.compute(residual, x), ref, **TOL)
+
+
+def test_mixed_precision_cross_check_uses_the_working_precision():
+    m32 = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    f = lambda x: m32(x).double()  # noqa: E731
+    x = torch.randn(7, 3)
+    J = chunkjac.compute(f, x, mode="forward")
+    torch.testing.assert_close(J, vmap(jacrev(m32))(x).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_return_outputs_across_chunks_refuses_unbatched_tensors_up_front():
+    f = lambda x, W: (torch.tanh(x @ W.T), W * 2)  # noqa: E731
+    x, W = torch.randn(12, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    J, (y, W2) = chunkjac.compute(f, (x, W), in_dims=(0, None), output=0, return_outputs=True)
+    torch.testing.assert_close(W2, W * 2)
+    with pytest.raises(ValueError, match="without the batch in its leading dim"):
+        chunkjac.compute(f, (x, W), in_dims=(0, None), output=0, return_outputs=True, chunk_size=5)
+    J, (y, meta) = chunkjac.compute(lambda x: (torch.sin(x), "tag"), x, output=0, return_outputs=True,
+                                    chunk_size=5)
+    assert meta == "tag" and y.shape == (12, 3)

@@ -131,3 +131,23 @@ def test_not_callable():
 def test_output_shape_that_depends_on_the_batch_size():
     with pytest.raises(ValueError, match="per-sample output shape changed"):
         chunkjac.compute(lambda a: a.repeat(1, a.shape[0]), torch.randn(11, 2))
+
+
+def test_ambiguous_wrt_tensor():
+    with pytest.raises(ValueError, match=r"wrt is the tensor passed as inputs \[0, 1\]; say which one"):
+        chunkjac.compute(lambda a, b: a * b, (x, x), wrt=x)
+
+
+def test_bad_chunk_size():
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 0"):
+        chunkjac.compute(torch.sin, x, chunk_size=0)
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+        chunkjac.compute(torch.sin, x, device="gpu0")
+
+
+def test_device_other_than_the_parameters():
+    with pytest.raises(ValueError, match=r"fn's parameters are on cpu; move the model first"):
+        chunkjac.compute(lin, x, device="meta")
