@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from . import __version__, compute
+from . import __version__, compute, plan
 
 
 def pinn_mlp(width: int = 128, depth: int = 3, dim: int = 3) -> nn.Module:
@@ -24,10 +24,15 @@ def _demo(args: argparse.Namespace) -> int:
     model = pinn_mlp()
     x = torch.rand(args.samples, 3) * 2 - 1
     t = time.perf_counter()
+    p = plan(model, x)  # probes the model once; compute reuses the probe
+    tp = time.perf_counter() - t
+    t = time.perf_counter()
     J = compute(model, x)
     dt = time.perf_counter() - t
     print("model:       PINN MLP 3 -> 128 -> 128 -> 128 -> 3 (tanh), float32")
     print(f"samples:     {args.samples:,}")
+    print(f"plan:        {p}")
+    print(f"planning:    {tp:.3f} s (probe, once per model and input shape)")
     print(f"jacobians:   {tuple(J.shape)}  (J[i] = dy_i/dx_i)")
     print(f"time:        {dt:.3f} s")
     print(f"throughput:  {args.samples / dt:,.0f} samples/s")
