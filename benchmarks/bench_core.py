@@ -13,7 +13,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 WORKLOADS = {  # name: (kind, B)
     "sin_1e6x3": ("sin", 1_000_000),

@@ -23,14 +23,13 @@ class MemorySink:
         self._jacs: list | None = None
         self._parts: list[list[torch.Tensor]] = []
         self._outputs: list[Any] = []
-        self._whole = False
 
     def write(self, start: int, stop: int, jacs: list[torch.Tensor], outputs: Any) -> None:
         jacs = [j.to(self.device) for j in jacs]
         if self.keep_outputs:
             self._outputs.append(tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, outputs))
         if start == 0 and stop == self.batch_size:
-            self._jacs, self._whole = [_own_memory(j) for j in jacs], True
+            self._jacs = [_own_memory(j) for j in jacs]
         elif self.differentiable:
             self._parts.append(list(jacs))
         else:
