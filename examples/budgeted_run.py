@@ -6,7 +6,7 @@ from torch import nn
 
 import chunkjac
 
-samples = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+samples = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
 model = nn.Sequential(nn.Linear(3, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
 x = torch.rand(samples, 3) * 2 - 1
 
