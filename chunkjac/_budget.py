@@ -25,10 +25,10 @@ def parse_budget(budget, free_bytes: int) -> int:
             return int(budget)
     elif isinstance(budget, str):
         m = _SHARE.match(budget)
-        if m and 0 < float(m.group(1)) <= 100:
+        if m and 0 < float(m.group(1)) <= 100 and free_bytes * float(m.group(1)) / 100 >= 1:
             return int(free_bytes * float(m.group(1)) / 100)
         m = _SIZE.match(budget)
-        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
+        if m and m.group(2).lower() in _UNITS and float(m.group(1)) * _UNITS[m.group(2).lower()] >= 1:
             return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     got = repr(budget) if isinstance(budget, (str, int, float)) else type(budget).__name__
     raise ValueError(f"chunkjac: budget={got} is not a memory size; use {FORMS}.")

@@ -74,16 +74,20 @@ def execute(spec: Spec, plan: Plan, progress=None):
         start = 0
         while start < plan.batch_size:
             start, stop = plan.chunk_at(start, size)
-            args = loader.get(start, stop)
-            nxt = plan.chunk_at(stop, size)
-            if nxt[0] < plan.batch_size:
-                loader.prefetch(*nxt)
+            failed = False
             try:
+                args = loader.get(start, stop)
+                nxt = plan.chunk_at(stop, size)
+                if nxt[0] < plan.batch_size:
+                    loader.prefetch(*nxt)
                 jacs, outputs = strategy(spec, plan, args, stop - start)
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
-                del e
+                failed = True  # leave the except block first: its traceback holds the chunk's tensors
+            if failed:
+                args = jacs = outputs = None
+                loader.ahead = None
                 size, backed_off = _back_off(spec, plan, stop - start), True
                 continue
             sink.write(start, stop, jacs, outputs)
@@ -102,6 +106,12 @@ def _back_off(spec: Spec, plan: Plan, failed: int) -> int:
     gc.collect()
     if spec.device.type == "cuda":
         torch.cuda.empty_cache()
+    if spec.return_outputs and not plan.batched_outputs:
+        raise BudgetError(
+            f"chunkjac: out of memory on {spec.device} with a chunk of {failed:,} samples, and the run "
+            "cannot be split: return_outputs=True and fn returns a tensor without the batch in its "
+            "leading dim, whose value would change with the split. Pass a smaller budget or "
+            "chunk_size= from the start, or leave return_outputs=False.")
     new = failed // 2
     if new < 1:
         raise BudgetError(

@@ -22,7 +22,9 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
             if a.device != spec.device:
                 if spec.device.type == "cuda" and a.device.type == "cpu":
                     a = a.pin_memory()
-                a = a.to(spec.device, non_blocking=True)
+                # Non-blocking only towards the GPU: a non-blocking copy to the host could be read
+                # before it lands.
+                a = a.to(spec.device, non_blocking=spec.device.type == "cuda")
         out.append(a)
     return out
 

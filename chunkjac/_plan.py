@@ -37,6 +37,7 @@ from ._spec import Spec
 
 JVP_COST = 2.0
 BLOCK = 16
+TIME_MIN_BATCH = 256  # smaller batches run faster than their candidates could be timed
 CACHE_BYTES = 32 * 2**20
 # NOTE: [Margins]
 # Chunks are planned so that the predicted peak stays within margin(device) * budget. On CUDA the
@@ -237,14 +238,14 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
             f"chunkjac: budget={format_bytes(budget_bytes)} cannot hold the work of even one sample on "
             f"{device}: one sample needs about {format_bytes(one)} (with the planner's margin, a "
             f"budget of {format_bytes(need)}). Pass budget='{_round_up(need)}' or more.")
-    if len(fitted) > 1:
+    if len(fitted) > 1 and spec.batch_size > TIME_MIN_BATCH:
         timed = []
         for plan, m, n, cand_key in fitted:
             m = cache.get(cand_key + ("time", n), spec.fn, lambda: measure_time(spec, plan, m, n))
             chunks = -(-spec.batch_size // n)
             timed.append((chunks * m.sec_const + spec.batch_size * m.sec_per_sample, plan, m, n))
         seconds, plan, m, n = min(timed, key=lambda t: t[0])
-    else:
+    else:  # one candidate, or a batch too small for timing to pay: the count rule's first choice
         (plan, m, n, _), seconds = fitted[0], None
     return dataclasses.replace(plan, chunk_size=n, peak_bytes=int(m.peak(n)), seconds=seconds,
                                budget_bytes=budget_bytes, batched_outputs=p.batched_outputs)
@@ -263,4 +264,4 @@ def _round_up(nbytes: float) -> str:
         if nbytes >= size:
             v = nbytes / size
             return f"{int(v) + 1}{unit}" if v < 100 else f"{int(v / 10 + 1) * 10}{unit}"
-    return f"{int(nbytes) + 1}"
+    return f"{int(nbytes) + 1}B"

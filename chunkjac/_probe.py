@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import time
 import weakref
 from collections import OrderedDict
@@ -93,9 +94,9 @@ def probe(spec: Spec) -> Probe:
     per_sample = (s1 - s0) / (n1 - n0) if n1 > n0 else s0 / n0
     return Probe(out_shape=tuple(y.shape[1:]), dtype=y.dtype, device=y.device,
                  saved_bytes_per_sample=max(per_sample, 0.0),
-                 batched_outputs=n1 > n0 and all(_carries(a, n0) and _carries(b, n1)
-                                                 for a, b in zip(tree_leaves(out0), tree_leaves(out1))
-                                                 if isinstance(a, torch.Tensor)))
+                 batched_outputs=all(_carries(a, n0) and _carries(b, n1)
+                                     for a, b in zip(tree_leaves(out0), tree_leaves(out1))
+                                     if isinstance(a, torch.Tensor)))
 
 
 def _carries(t: torch.Tensor, n: int) -> bool:
@@ -197,11 +198,25 @@ def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
     return dataclasses.replace(m, sec_const=c, sec_per_sample=d, timed=True)
 
 
+def _owner(fn):
+    """What identifies fn across calls: a bound method's object (``m.forward`` is new at each access)."""
+    return fn.__self__ if inspect.ismethod(fn) else fn
+
+
+def _identity(fn) -> tuple:
+    return (id(fn.__self__), fn.__func__.__qualname__) if inspect.ismethod(fn) else (id(fn),)
+
+
+def _value_key(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 200 else f"{type(v).__name__}@{id(v)}"
+
+
 class ProbeCache:
     """Probe results per (fn, input shapes/dtypes/devices, call options, candidate plan).
 
-    Entries hold fn weakly: they go when fn goes. At most ``size`` entries, least recently used first
-    out. ``chunkjac.probe_cache`` is the instance ``compute`` uses; ``.clear()`` empties it.
+    Entries hold fn weakly (a bound method by its object): an entry whose fn is gone never matches
+    again and leaves with the least recently used. At most ``size`` entries. ``chunkjac.probe_cache`` is the instance ``compute`` uses; ``.clear()`` empties it.
     """
 
     def __init__(self, size: int = 128):
@@ -211,23 +226,31 @@ class ProbeCache:
 
     @staticmethod
     def key(spec: Spec, *extra) -> tuple:
-        shapes = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, torch.Tensor) else type(a).__name__
-                       for a in spec.args)
+        """What a probe's results depend on: fn (and, for a module, its mode and the shapes of its
+        tensors), the inputs' shapes/dtypes/devices and non-tensor values, and the call options."""
+        args = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, torch.Tensor) else _value_key(a)
+                     for a in spec.args)
         targets = tuple((t.kind, t.index, t.name) for t in spec.targets)
-        return (id(spec.fn), shapes, spec.in_dims, targets, repr(spec.output), spec.create_graph, *extra)
+        module = _owner(spec.fn) if isinstance(_owner(spec.fn), nn.Module) else None
+        state = () if module is None else (
+            tuple(m.training for m in module.modules()),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in module.state_dict(keep_vars=True).items()))
+        return (_identity(spec.fn), args, spec.in_dims, targets, repr(spec.output), spec.create_graph, state,
+                *extra)
 
     def get(self, key, fn, compute):
-        """The cached value for ``key`` (whose first item is ``id(fn)``), computed on a miss."""
+        """The cached value for ``key`` (whose first item is fn's identity), computed on a miss."""
+        owner = _owner(fn)
         entry = self._entries.get(key)
-        if entry is not None and entry[0]() is fn:  # the same fn, not a new object at a reused id
+        if entry is not None and entry[0]() is owner:  # the same object, not a new one at a reused id
             self._entries.move_to_end(key)
             self.hits += 1
             return entry[1]
         value = compute()
         try:
-            ref = weakref.ref(fn)
+            ref = weakref.ref(owner)
         except TypeError:  # builtins (torch.sin) cannot be weakly referenced, and live forever anyway
-            ref = lambda fn=fn: fn  # noqa: E731
+            ref = lambda owner=owner: owner  # noqa: E731
         self._entries[key] = (ref, value)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)

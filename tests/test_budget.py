@@ -69,3 +69,16 @@ def test_budget_bounds_the_chunk_and_the_prediction():
     big = chunkjac.plan(f, x, budget="2GB")
     assert big.chunk_size > p.chunk_size
     torch.testing.assert_close(chunkjac.compute(f, x[:3000], budget="8MB"), torch.func.vmap(torch.func.jacrev(f))(x[:3000]))
+
+
+def test_suggested_budget_for_tiny_needs_parses():
+    with pytest.raises(chunkjac.BudgetError) as e:
+        chunkjac.compute(torch.sin, torch.randn(50, 3), budget=1)
+    need = str(e.value).split("Pass budget='")[1].split("'")[0]
+    assert need.endswith("B")
+    assert chunkjac.compute(torch.sin, torch.randn(50, 3), budget=need).shape == (50, 3, 3)
+
+
+def test_budgets_below_one_byte_are_refused():
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_budget("0.5B", FREE)

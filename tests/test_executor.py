@@ -94,3 +94,46 @@ def test_explicit_chunk_size_is_used():
     p = chunkjac.plan(torch.sin, torch.randn(1000, 3), chunk_size=300)
     assert (p.chunk_size, p.num_chunks) == (300, 4)
     assert list(p.chunks()) == [(0, 300), (300, 600), (600, 900), (900, 1000)]
+
+
+def test_cache_key_follows_non_tensor_arguments_and_module_state():
+    f = lambda x, k: x[:, :k].sin()  # noqa: E731
+    x = torch.randn(500, 4)
+    assert chunkjac.compute(f, (x, 3)).shape == (500, 3, 4)
+    assert chunkjac.compute(f, (x, 2)).shape == (500, 2, 4)
+    lin = nn.Linear(3, 4)
+    assert chunkjac.compute(lin, torch.randn(500, 3)).shape == (500, 4, 3)
+    lin.weight = nn.Parameter(torch.randn(6, 3))
+    lin.bias = nn.Parameter(torch.randn(6))
+    assert chunkjac.compute(lin, torch.randn(500, 3)).shape == (500, 6, 3)
+
+
+def test_bound_methods_reuse_the_probe():
+    m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(600, 3)
+    chunkjac.probe_cache.clear()
+    chunkjac.compute(m.forward, x)
+    hits = chunkjac.probe_cache.hits
+    chunkjac.compute(m.forward, x)
+    assert chunkjac.probe_cache.hits > hits
+
+
+def test_small_batches_keep_batched_outputs():
+    J, y = chunkjac.compute(torch.sin, torch.randn(2, 3), return_outputs=True, chunk_size=1)
+    assert J.shape == (2, 3, 3) and y.shape == (2, 3)
+
+
+def test_back_off_refuses_to_split_unbatched_outputs():
+    class F(OOMAbove):
+        def forward(self, x):
+            y = super().forward(x)
+            return y, y.sum()
+
+    f = F(limit=10**9)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    spec = normalize(f, x, wrt=0, output=0, in_dims=0, mode="reverse", coupling="independent",
+                     create_graph=False, return_outputs=True)
+    p = chunkjac.plan(f, x, output=0, mode="reverse", return_outputs=True)
+    f.limit = 4
+    with pytest.raises(chunkjac.BudgetError, match="cannot be split"):
+        execute(spec, p)

@@ -30,8 +30,9 @@ def test_close_counts_measure_both_modes_and_both_vectorisations():
     assert fallbacks == []
     assert {(c.modes, c.rows_per_vjp if c.mode == "reverse" else c.cols_per_jvp) for c in cands} == {
         (("reverse",), 3), (("reverse",), 1), (("forward",), 3), (("forward",), 1)}
-    p = plan_of(f, torch.randn(64, 3))
+    p = plan_of(f, torch.randn(2000, 3))
     assert p.seconds is not None and p.seconds > 0  # chosen by measured time
+    assert plan_of(f, torch.randn(64, 3)).seconds is None  # too small to be worth timing
 
 
 def test_shared_targets_use_forward_mode_and_explicit_modes_are_kept():
