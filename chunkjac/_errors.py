@@ -1,4 +1,5 @@
 """The exceptions chunkjac raises besides ValueError/TypeError (exported from chunkjac)."""
+import torch
 
 
 class BudgetError(MemoryError):
@@ -11,8 +12,6 @@ class RandomFunctionError(RuntimeError):
 
 def is_out_of_memory(e: BaseException) -> bool:
     """A CUDA out-of-memory error, a MemoryError, or a RuntimeError from a failed CPU allocation."""
-    import torch
-
     if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     msg = str(e).lower()

@@ -25,6 +25,7 @@ where chunk boundaries are computed (the executor's out-of-memory back-off asks 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -103,7 +104,7 @@ class Plan:
     @property
     def products_per_chunk(self) -> tuple[int, int]:
         """(batched VJPs, batched JVPs) one chunk costs."""
-        rows = _numel(self.out_shape)
+        rows = math.prod(self.out_shape)
         vjps = -(-rows // self.rows_per_vjp) if "reverse" in self.modes else 0
         jvps = sum(-(-n // self.cols_per_jvp) for n, m in zip(self.in_numels, self.modes) if m == "forward")
         return vjps, jvps
@@ -113,7 +114,7 @@ class Plan:
         vjps, jvps = self.products_per_chunk
         work = []
         if vjps:
-            rows = _numel(self.out_shape)
+            rows = math.prod(self.out_shape)
             work.append(f"{rows} VJP{'s' * (rows != 1)} per chunk in {vjps} call{'s' * (vjps != 1)}")
         if jvps:
             cols = sum(n for n, m in zip(self.in_numels, self.modes) if m == "forward")
@@ -127,13 +128,6 @@ class Plan:
         if self.seconds is not None:
             parts.append(f"≈ {_format_seconds(self.seconds)}")
         return " · ".join(parts)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _format_seconds(s: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import time
 import weakref
 from collections import OrderedDict
@@ -38,10 +39,7 @@ class Probe:
 
     @property
     def out_numel(self) -> int:
-        n = 1
-        for s in self.out_shape:
-            n *= s
-        return n
+        return math.prod(self.out_shape)
 
 
 @contextlib.contextmanager
@@ -119,7 +117,6 @@ class Measurement:
     mem_per_sample: float
     sec_const: float = 0.0
     sec_per_sample: float = 0.0
-    timed: bool = False
 
     def peak(self, n: int) -> float:
         return self.mem_const + self.mem_per_sample * n
@@ -195,7 +192,7 @@ def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
                 break
         points = [(max(1, n // 4), seconds(max(1, n // 4))), (n, t)] if n > 1 else [(n, t)]
     c, d = _fit(points)
-    return dataclasses.replace(m, sec_const=c, sec_per_sample=d, timed=True)
+    return dataclasses.replace(m, sec_const=c, sec_per_sample=d)
 
 
 def _owner(fn):

@@ -93,13 +93,12 @@ def _reverse(spec: Spec, plan: Plan, args: list, n: int, ks: list[int], out_box:
                 # cannot run under is_grads_batched; the row-by-row loop is exact and always works.
                 step = 1
                 continue
-            for b, g, x, d, shp in zip(blocks, gs, prims, dims, shapes):
-                k = r1 - r0
-                g = torch.zeros((k, *x.shape), dtype=y.dtype, device=y.device) if g is None else g
+            for b, g, x, d in zip(blocks, gs, prims, dims):
+                g = torch.zeros((r1 - r0, *x.shape), dtype=y.dtype, device=y.device) if g is None else g
                 b.append(g.movedim(1 + d, 0).to(y.dtype))  # (n, k, *in)
             r0 = r1
     jacs = []
-    for b, x, shp in zip(blocks, prims, shapes):
+    for b, shp in zip(blocks, shapes):
         if not b:  # fn's output does not depend on any wrt input (a constant): zero Jacobian
             j = torch.zeros((n, rows, *shp), dtype=y.dtype, device=y.device)
         else:
