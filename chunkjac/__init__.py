@@ -6,37 +6,76 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import dataclasses
+import warnings
+
 from ._budget import parse_budget
 from ._check import check_forward_mode
-from ._errors import BudgetError
+from ._coupling import Coupling, coupled, independent, unsplittable
+from ._detect import check as check_coupling
+from ._errors import BudgetError, CouplingWarning, TooLongError
 from ._executor import execute
+from ._graph import jacobian_of
 from ._memory import free_bytes
-from ._plan import Plan, make_plan
+from ._plan import Plan, make_coupled_plan, make_plan
 from ._probe import ProbeCache
-from ._spec import normalize
+from ._spec import Spec, normalize
 
-__version__ = "0.2.0"
-__all__ = ["compute", "plan", "Plan", "BudgetError", "ProbeCache", "probe_cache", "__version__"]
+__version__ = "0.3.0"
+__all__ = ["compute", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingWarning", "TooLongError",
+           "ProbeCache", "probe_cache", "__version__"]
 
 probe_cache = ProbeCache()
 """The probe results ``compute`` and ``plan`` reuse across calls; ``probe_cache.clear()`` empties it."""
 
+MAX_SECONDS = 3600.0
+
+
+def _resolve_coupling(spec: Spec) -> Coupling:
+    """coupling="auto": run the check (see _detect), cached with the probe; warn when samples interact."""
+    if spec.coupling != "auto":
+        return spec.coupling
+    key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size)
+    found = probe_cache.get(key, spec.fn, lambda: check_coupling(spec))
+    b = spec.batch_size
+    if found.derivatives:
+        warnings.warn(CouplingWarning(
+            f"chunkjac: samples interact: {found.reason}. The sum trick would be wrong, so chunkjac computes "
+            f"the exact per-sample blocks as coupled samples: one forward over all {b:,} samples and a product "
+            f"per (sample, row); chunkjac.plan(...) shows the cost. If only some samples interact, pass "
+            "coupling=<group ids> or a dependency structure (much faster); coupling='coupled' silences this."),
+            stacklevel=4)
+        return coupled(b, found.reason)
+    if not found.splittable:
+        warnings.warn(CouplingWarning(
+            f"chunkjac: the forward pass mixes samples: {found.reason}. The derivatives w.r.t. wrt are "
+            f"per-sample, so the sum trick is exact, but only on the whole batch: chunkjac runs all {b:,} samples "
+            "as one chunk. coupling='unsplittable' silences this."), stacklevel=4)
+        return unsplittable(b, found.reason)
+    return independent(b, found.reason)
+
 
 def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
-             chunk_size):
+             chunk_size, max_seconds):
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                      create_graph=create_graph, return_outputs=return_outputs, device=device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise ValueError(f"chunkjac: max_seconds must be a positive number or None, got {max_seconds!r}.")
     budget_bytes = parse_budget(budget, free_bytes(spec.device))
-    p = make_plan(spec, spec.device, budget_bytes, chunk_size=chunk_size, cache=probe_cache)
+    spec = dataclasses.replace(spec, coupling=_resolve_coupling(spec))
+    if spec.coupling.kind == "independent":
+        p = make_plan(spec, spec.device, budget_bytes, chunk_size=chunk_size, cache=probe_cache)
+    else:
+        p = make_coupled_plan(spec, spec.coupling, spec.device, budget_bytes, chunk_size=chunk_size,
+                              cache=probe_cache, max_seconds=max_seconds)
     if return_outputs and p.num_chunks > 1 and not p.batched_outputs:
         raise ValueError(
             f"chunkjac: return_outputs=True, but fn returns a tensor without the batch in its leading dim, "
             f"and the plan runs {p.num_chunks} chunks, each giving its own value for it. Return per-sample "
             "tensors only, or leave return_outputs=False and compute that output separately.")
-    check_forward_mode(spec, p)
     return spec, p
 
 
@@ -48,13 +87,14 @@ def compute(
     output: Any = None,
     in_dims: Any = 0,
     mode: str = "auto",
-    coupling: str = "independent",
+    coupling: Any = "auto",
     create_graph: bool = False,
     return_outputs: bool = False,
     budget: int | str | None = None,
     device: Any = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
+    max_seconds: float | None = MAX_SECONDS,
 ):
     """Per-sample Jacobians ``J[i] = d fn(x)_i / d x_i`` for every sample i of a batch.
 
@@ -106,7 +146,10 @@ def compute(
         torch.Size([3, 10, 5])
     """
     spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                       device, chunk_size)
+                       device, chunk_size, max_seconds)
+    if p.too_long:
+        raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
+    check_forward_mode(spec, p)
     return execute(spec, p, progress=progress)
 
 
@@ -118,15 +161,16 @@ def plan(
     output: Any = None,
     in_dims: Any = 0,
     mode: str = "auto",
-    coupling: str = "independent",
+    coupling: Any = "auto",
     create_graph: bool = False,
     return_outputs: bool = False,
     budget: int | str | None = None,
     device: Any = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
+    max_seconds: float | None = MAX_SECONDS,
 ) -> Plan:
     """The :class:`Plan` ``compute`` would carry out with the same arguments, without computing any
     Jacobian (it probes fn on a few small chunks). ``print(plan)`` gives a one-line report."""
     return _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                    device, chunk_size)[1]
+                    device, chunk_size, max_seconds)[1]

@@ -16,3 +16,20 @@ def is_out_of_memory(e: BaseException) -> bool:
         return True
     msg = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def describe(v) -> str:
+    """A value as error messages show it: a tensor by dtype and shape, a scalar by its repr."""
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, type(None))) else type(v).__name__
+
+
+class CouplingWarning(UserWarning):
+    """coupling="auto" found that samples interact and chose a coupled strategy; the message says why
+    and how to silence it (name the coupling explicitly)."""
+
+
+class TooLongError(RuntimeError):
+    """A coupled plan is predicted to take longer than ``max_seconds``; the message gives the estimate
+    and what would make it faster."""

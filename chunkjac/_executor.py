@@ -6,6 +6,7 @@ it can, halve the chunk, retry the same samples, keep the smaller size for the r
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import warnings
@@ -80,7 +81,7 @@ def execute(spec: Spec, plan: Plan, progress=None):
                 nxt = plan.chunk_at(stop, size)
                 if nxt[0] < plan.batch_size:
                     loader.prefetch(*nxt)
-                jacs, outputs = strategy(spec, plan, args, stop - start)
+                jacs, outputs = strategy(spec, plan, args, stop - start, plan.colours_at(start, stop))
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
@@ -88,7 +89,7 @@ def execute(spec: Spec, plan: Plan, progress=None):
             if failed:
                 args = jacs = outputs = None
                 loader.ahead = None
-                size, backed_off = _back_off(spec, plan, stop - start), True
+                size, plan, backed_off = *_back_off(spec, plan, start, stop), True
                 continue
             sink.write(start, stop, jacs, outputs)
             bar.update(stop - start)
@@ -102,10 +103,13 @@ def execute(spec: Spec, plan: Plan, progress=None):
     return (result, sink.outputs()) if spec.return_outputs else result
 
 
-def _back_off(spec: Spec, plan: Plan, failed: int) -> int:
+def _back_off(spec: Spec, plan: Plan, start: int, stop: int) -> tuple[int, Plan]:
+    """After an out-of-memory error on [start, stop): a smaller chunk, or, where the chunk is one
+    coupled set that cannot be split, fewer pairs per batched product."""
     gc.collect()
     if spec.device.type == "cuda":
         torch.cuda.empty_cache()
+    failed = stop - start
     if spec.return_outputs and not plan.batched_outputs:
         raise BudgetError(
             f"chunkjac: out of memory on {spec.device} with a chunk of {failed:,} samples, and the run "
@@ -113,9 +117,14 @@ def _back_off(spec: Spec, plan: Plan, failed: int) -> int:
             "leading dim, whose value would change with the split. Pass a smaller budget or "
             "chunk_size= from the start, or leave return_outputs=False.")
     new = failed // 2
-    if new < 1:
-        raise BudgetError(
-            f"chunkjac: out of memory on {spec.device} with a chunk of 1 sample; the planned peak was "
-            f"{format_bytes(plan.peak_bytes)} per chunk. Free memory on the device or lower other use, "
-            "then run again.")
-    return new
+    if new >= 1 and plan.chunk_at(start, new)[1] < stop:
+        return new, plan
+    pairs = plan.rows_per_vjp if "reverse" in plan.modes else plan.cols_per_jvp
+    if pairs > 1:
+        fewer = dict(rows_per_vjp=pairs // 2) if "reverse" in plan.modes else dict(cols_per_jvp=pairs // 2)
+        return failed, dataclasses.replace(plan, **fewer)
+    what = "1 sample" if failed == 1 else f"one coupled set of {failed:,} samples, which cannot be split,"
+    raise BudgetError(
+        f"chunkjac: out of memory on {spec.device} with a chunk of {what} and one product per call; the "
+        f"planned peak was {format_bytes(plan.peak_bytes)} per chunk. Free memory on the device or lower "
+        "other use, then run again.")

@@ -84,8 +84,14 @@ def _forward_saving(spec: Spec, n: int) -> tuple[torch.Tensor, int]:
     return out, select(spec, out, n).detach(), sum(saved.values())
 
 
-def probe(spec: Spec) -> Probe:
-    sizes = sorted({min(spec.batch_size, s) for s in PROBE_SIZES})
+ALIGN_MAX = 4096  # probe on whole coupled sets up to this size, on plain prefixes beyond
+
+
+def probe(spec: Spec, coupling=None) -> Probe:
+    sizes = [min(spec.batch_size, s) for s in PROBE_SIZES]
+    if coupling is not None:  # whole coupled sets: fn may only accept whole groups
+        sizes = [a if (a := coupling.stop(0, s)) <= max(s, ALIGN_MAX) else s for s in sizes]
+    sizes = sorted(set(sizes))
     with preserved_buffers(spec.fn):
         runs = [(n, *_forward_saving(spec, n)) for n in sizes]
     (n0, out0, y, s0), (n1, out1, _, s1) = runs[0], runs[-1]
@@ -256,3 +262,32 @@ class ProbeCache:
     def clear(self) -> None:
         self._entries.clear()
         self.hits = 0
+
+
+def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2) -> tuple[float, float]:
+    """(peak bytes, best seconds) of a coupled chunk of the first n samples cut short after ``calls``
+    batched products: a forward and ``calls`` products of ``plan.rows_per_vjp`` (cols_per_jvp) pairs."""
+    from ._strategies import STRATEGIES
+    quiet = dataclasses.replace(spec, return_outputs=False)
+    small = dataclasses.replace(plan, batch_size=n, chunk_size=n)
+    args = chunk_args(spec, 0, n)
+    existing = [a for a in spec.args if isinstance(a, torch.Tensor)]
+    if isinstance(spec.fn, nn.Module):
+        existing += list(spec.fn.parameters()) + list(spec.fn.buffers())
+
+    def work():
+        return STRATEGIES[plan.strategy](quiet, small, args, n, colours, calls)
+
+    with preserved_buffers(spec.fn):
+        peak, result = measure_peak(work, plan.device, existing)
+        del result
+        best = float("inf")
+        for _ in range(repeats):
+            if plan.device.type == "cuda":
+                torch.cuda.synchronize(plan.device)
+            t = time.perf_counter()
+            work()
+            if plan.device.type == "cuda":
+                torch.cuda.synchronize(plan.device)
+            best = min(best, time.perf_counter() - t)
+    return float(peak), best

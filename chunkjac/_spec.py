@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._coupling import Coupling, from_argument
+from ._errors import describe as _describe
+
 MODES = ("auto", "reverse", "forward")
-COUPLINGS = ("independent",)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -52,7 +54,7 @@ class Spec:
     single: bool            # wrt was one item: return one Jacobian, not a tuple
     output: Any             # index/key into fn's outputs, or None for a tensor output
     mode: str
-    coupling: str
+    coupling: Coupling | str  # "auto" until the probe has checked
     create_graph: bool
     return_outputs: bool
     device: torch.device      # where chunks are computed
@@ -66,12 +68,6 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     named = dict(module.named_parameters(remove_duplicate=False))
     named.update(module.named_buffers(remove_duplicate=False))
     return named
-
-
-def _describe(v: Any) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
-    return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, type(None))) else type(v).__name__
 
 
 def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
@@ -99,11 +95,7 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
                 f"chunkjac: mode='reverse' cannot give per-sample derivatives w.r.t. the shared {shared[0]}: "
                 "the sum trick adds every sample's contribution to a shared tensor's gradient. "
                 "Use mode='forward' or mode='auto' (forward mode: one JVP per element of the shared tensor).")
-    if isinstance(coupling, torch.Tensor) or coupling not in COUPLINGS:
-        raise ValueError(
-            f"chunkjac: coupling must be 'independent' in this version, got {_describe(coupling)}. "
-            "The sum trick assumes y_i depends on no x_j with j != i (no attention across the batch, "
-            "no BatchNorm in training mode); check your model, then pass coupling='independent'.")
+    coupling = from_argument(coupling, batch_size)
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
                 return_outputs=bool(return_outputs), device=device, home=home)

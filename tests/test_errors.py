@@ -20,7 +20,15 @@ lin = nn.Linear(3, 2)
     (dict(in_dims=None), ValueError, r"no input is batched"),
     (dict(in_dims="0"), TypeError, r"in_dims must be an int, None or a tuple"),
     (dict(mode="fast"), ValueError, r"mode must be one of \('auto', 'reverse', 'forward'\), got 'fast'"),
-    (dict(coupling="auto"), ValueError, r"coupling must be 'independent' in this version, got str 'auto'"),
+        (dict(coupling="sometimes"), ValueError, r"coupling must be one of \('auto', 'independent', 'coupled', 'unsplittable'\)"),
+        (dict(coupling=torch.zeros(4)), TypeError, r"group ids and edges must be integers"),
+        (dict(coupling=torch.zeros(5, dtype=torch.long)), ValueError, r"coupling has 5 group ids but the batch has 4 samples"),
+        (dict(coupling=torch.tensor([[0, 1], [2, 9]])), ValueError, r"edges between samples 0..9, but the batch has samples 0..3"),
+        (dict(coupling=torch.zeros(3, 3, dtype=torch.long)), ValueError, r"expected \(4,\) group ids"),
+        (dict(coupling=torch.eye(3).to_sparse()), ValueError, r"must be \(4, 4\)"),
+        (dict(coupling=[[1], [0]]), ValueError, r"2 neighbour lists but the batch has 4 samples"),
+        (dict(coupling=3.5), TypeError, r"coupling must be a string, a tensor of group ids"),
+        (dict(max_seconds=-1), ValueError, r"max_seconds must be a positive number or None"),
     (dict(output=0), TypeError, r"output=0 selects from a tuple, list or dict, but fn returned a torch.float32"),
 ])
 def test_bad_arguments(kwargs, exc, match):
@@ -78,8 +86,8 @@ def test_integer_inputs_outside_wrt_pass_through():
 
 
 @pytest.mark.parametrize("f, match", [
-    (lambda a: a.sum(0), r"has shape \(3,\) for a batch of 2 samples, but its leading dim must hold"),
-    (lambda a: ((a - 1) ** 2).mean(), r"has shape \(\) for a batch of 2 samples.*reduction='none'"),
+    (lambda a: a.sum(0), r"has shape \(3,\) for a batch of \d samples, but its leading dim must hold"),
+    (lambda a: ((a - 1) ** 2).mean(), r"has shape \(\) for a batch of \d samples.*reduction='none'"),
     (lambda a: nn.functional.mse_loss(a, torch.zeros_like(a)), r"reduction='mean'"),
 ])
 def test_outputs_without_a_batch_dim(f, match):
@@ -129,8 +137,14 @@ def test_not_callable():
 
 
 def test_output_shape_that_depends_on_the_batch_size():
+    f = lambda a: a.repeat(1, a.shape[0])  # noqa: E731
+    a = torch.randn(11, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="per-sample output shape changed"):
-        chunkjac.compute(lambda a: a.repeat(1, a.shape[0]), torch.randn(11, 2))
+        chunkjac.compute(f, a, coupling="independent", chunk_size=4)
+    # auto finds that chunks would change the output and runs the batch as one chunk, exactly.
+    with pytest.warns(chunkjac.CouplingWarning, match="changes its per-sample shape"):
+        J = chunkjac.compute(f, a)
+    torch.testing.assert_close(J, torch.func.vmap(torch.func.jacrev(lambda r: r.repeat(11)))(a), rtol=0, atol=0)
 
 
 def test_ambiguous_wrt_tensor():

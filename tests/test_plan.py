@@ -70,7 +70,7 @@ def test_chunks_cover_the_batch_once():
 
 
 def test_plan_report():
-    p = Plan(strategy="sum_trick", modes=("reverse",), batch_size=1_000_000, chunk_size=131_072, rows_per_vjp=3,
+    p = Plan(strategy="coloured", modes=("reverse",), batch_size=1_000_000, chunk_size=131_072, rows_per_vjp=3,
              cols_per_jvp=3, out_shape=(3,), in_numels=(3,), dtype=torch.float32, device=torch.device("cpu"),
              peak_bytes=17_200_000_000, seconds=41.0, budget_bytes=20_000_000_000)
     assert str(p) == ("1,000,000 samples in 8 chunks of 131,072 · reverse mode, 3 VJPs per chunk in 1 call · "

@@ -1,0 +1,259 @@
+"""Selective extraction by colours: per-sample Jacobians from batched VJPs or JVPs.
+
+# NOTE: [The sum trick]
+# When y_i depends on no x_j with j != i, d(sum_i y_i)/dx stacks every sample's own Jacobian:
+# row r of the per-sample Jacobian for all B samples at once is the gradient of y[:, r].sum(), i.e.
+# one VJP of the batch with the cotangent e_r broadcast over samples. Reverse mode therefore costs
+# one forward and n_out VJPs per chunk, whatever B is; forward mode costs n_in JVPs whose tangent
+# e_c is broadcast over samples. Several rows (columns) go through one call vectorised with
+# ``is_grads_batched`` (``vmap``); the plan says how many.
+#
+# Coupled samples are the same mechanism with colours (see [Colouring] in _coupling): the cotangent
+# of the pair (colour c, row r) is e_r on the samples of colour c only, and from its gradient each
+# sample of colour c keeps its own slice. Independent samples are one colour, so a chunk costs
+# (colours x n_out) VJP rows, or (colours x n_in) JVP columns in forward mode.
+
+Cost per chunk of n samples and k colours: reverse: 1 forward + ceil(k * n_out / rows_per_vjp)
+batched VJPs over the chunk, memory ~ activations of n samples + rows_per_vjp x n x n_in for the
+gradients; forward: ceil(k * n_in / cols_per_jvp) batched JVPs, memory ~ cols_per_jvp x activations.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import jvp, vmap
+
+from .._errors import RandomFunctionError
+from .._function import call, detach_all, select, split_tensors
+from .._plan import Plan
+from .._spec import Spec
+
+
+def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
+              calls: int | None = None):
+    """Jacobians of one chunk of n samples whose (n,) ``colours`` say which samples may share a product
+    (None: all of them, the sum trick).
+
+    Returns ``(jacs, outputs)``: ``jacs[k]`` has shape (n, *out, *target_k.shape); ``outputs`` is fn's
+    full output for the chunk (detached unless ``create_graph``). ``calls`` stops after that many
+    batched products (the planner's measurements; the Jacobians are then incomplete).
+    """
+    jacs: list = [None] * len(spec.targets)
+    outputs = None
+    reverse = [k for k, m in enumerate(plan.modes) if m == "reverse"]
+    # Reverse mode needs autograd whatever the caller's grad mode (torch.no_grad() around compute);
+    # forward mode records a graph only when the result must be differentiable.
+    if reverse:
+        with torch.enable_grad():
+            for k, j in zip(reverse, _reverse(spec, plan, args, n, reverse, out_box := [], colours, calls)):
+                jacs[k] = j
+        outputs = out_box[0]
+    for k, m in enumerate(plan.modes):
+        if m == "forward":
+            with torch.enable_grad() if spec.create_graph else torch.no_grad():
+                jacs[k], out = _forward(spec, plan, args, n, k, colours, calls)
+            outputs = out if outputs is None else outputs
+    return jacs, outputs
+
+
+def _check_shape(plan: Plan, y: torch.Tensor) -> None:
+    if tuple(y.shape[1:]) != plan.out_shape:
+        raise ValueError(
+            f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
+            f"{tuple(y.shape[1:])} in a chunk of {y.shape[0]} samples; each sample's output must not "
+            "depend on how many samples are in the batch.")
+
+
+def _reverse(spec: Spec, plan: Plan, args: list, n: int, ks: list[int], out_box: list, colours, calls) -> list:
+    create = spec.create_graph
+    args = list(args)
+    prims = []
+    for k in ks:
+        i = spec.targets[k].index
+        x = args[i]
+        # Keep the user's graph when they want to differentiate J again; otherwise a fresh leaf.
+        if not (create and x.requires_grad):
+            x = x.detach().requires_grad_(True)
+        args[i] = x
+        prims.append(x)
+    out = call(spec, args)
+    y = select(spec, out, n)
+    _check_shape(plan, y)
+    out_box.append(out if create else detach_all(out))
+    dims = [spec.in_dims[spec.targets[k].index] for k in ks]
+    jacs = extract_reverse(y, prims, dims, colours, plan.rows_per_vjp, create, calls=calls)
+    return [j.reshape(n, *plan.out_shape, *spec.targets[k].shape) for j, k in zip(jacs, ks)]
+
+
+def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torch.Tensor | None, step: int,
+                    create: bool, calls: int | None = None, retain: bool = False,
+                    on_call=None) -> list[torch.Tensor]:
+    """Per-sample Jacobians (n, n_out, *in) of y (n, *out) w.r.t. each of ``prims`` (batch at ``dims``),
+    from batched VJPs of ``step`` (colour, row) pairs each. ``retain`` keeps y's graph afterwards."""
+    n = y.shape[0]
+    rows = y[0].numel()
+    yf = y.reshape(n, rows)
+    k_col = 1 if colours is None else int(colours.max()) + 1
+    pairs = k_col * rows
+    blocks: list[list] = [[] for _ in prims]
+    done = 0
+    if y.requires_grad and rows:
+        eye = torch.eye(rows, dtype=y.dtype, device=y.device)
+        if colours is not None:
+            colours = colours.to(y.device)
+        p0 = 0
+        while p0 < pairs and (calls is None or done < calls):
+            p1 = min(p0 + step, pairs)
+            pair = torch.arange(p0, p1, device=y.device)
+            c, r = pair // rows, pair % rows
+            if colours is None:
+                cot = eye[r].unsqueeze(1).expand(p1 - p0, n, rows)
+            else:
+                mask = (colours[None, :] == c[:, None]).to(y.dtype)
+                cot = mask[:, :, None] * eye[r][:, None, :]
+            try:
+                gs = _vjp_block(yf, prims, cot, create, last=p1 == pairs and not retain)
+            except RuntimeError:
+                if p1 - p0 == 1:
+                    raise
+                # Some backward formulas (old-style autograd.Functions, ops without batching rules)
+                # cannot run under is_grads_batched; the row-by-row loop is exact and always works.
+                step = 1
+                continue
+            for b, g, x, d in zip(blocks, gs, prims, dims):
+                g = torch.zeros((p1 - p0, *x.shape), dtype=y.dtype, device=y.device) if g is None else g
+                g = g.movedim(1 + d, 1).to(y.dtype)  # (pairs, n, *in)
+                if colours is None:
+                    b.append(g.transpose(0, 1))  # (n, rows of the block, *in)
+                else:
+                    pi, ji = (colours[None, :] == c[:, None]).nonzero(as_tuple=True)
+                    b.append((ji, r[pi], g[pi, ji]))  # each sample keeps its own slice
+            done += 1
+            if on_call is not None:
+                on_call(p1 - p0)
+            p0 = p1
+    jacs = []
+    for b, x, d in zip(blocks, prims, dims):
+        shp = tuple(s for k, s in enumerate(x.shape) if k != d)
+        if not b:  # fn's output does not depend on any wrt input (a constant): zero Jacobian
+            j = torch.zeros((n, rows, *shp), dtype=y.dtype, device=y.device)
+        elif colours is None:
+            j = b[0] if len(b) == 1 and b[0].shape[1] == rows else torch.cat(b, dim=1)
+            if j.shape[1] < rows:  # stopped early (a measurement)
+                j = torch.cat([j, j.new_zeros((n, rows - j.shape[1], *shp))], 1)
+        else:
+            ji = torch.cat([t[0] for t in b])
+            ri = torch.cat([t[1] for t in b])
+            vals = torch.cat([t[2] for t in b])
+            j = torch.zeros((n, rows, *shp), dtype=y.dtype, device=y.device).index_put((ji, ri), vals)
+        jacs.append(j)
+    return jacs
+
+
+def _vjp_block(yf, prims, cot, create, last):
+    k = cot.shape[0]
+    if k == 1:
+        gs = torch.autograd.grad(yf, prims, cot[0], retain_graph=create or not last, create_graph=create,
+                                 allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in gs]
+    # retain_graph even on the last block: if the batched call fails we fall back to the loop.
+    return torch.autograd.grad(yf, prims, cot, retain_graph=True, create_graph=create, allow_unused=True,
+                               is_grads_batched=True)
+
+
+def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls):
+    t = spec.targets[k]
+    create = spec.create_graph
+    if t.kind == "input":
+        x = args[t.index]
+        d = spec.in_dims[t.index]
+    else:
+        x = spec.param(t.name)
+        d = None
+    if not create:
+        x = x.detach()
+    if d is not None:
+        # A chunk is a view into the whole batch, and forward AD gives each tangent the layout of the
+        # primal's whole storage: clone so that a JVP allocates a chunk, not a batch, per column.
+        x = x.clone()
+    rebuild_box: list = []
+
+    def g(v):
+        a = list(args)
+        params = None
+        if t.kind == "input":
+            a[t.index] = v
+        else:
+            params = {t.name: v}
+        out = call(spec, a, params)
+        y = select(spec, out, n)
+        tensors, rebuild = split_tensors(out)
+        if not rebuild_box:
+            rebuild_box.append(rebuild)
+        return y, tensors
+
+    def one(tangent):
+        y, tan, aux = jvp(g, (x,), (tangent,), has_aux=True)
+        return tan, (y, aux)
+
+    m = t.numel
+    if d is None:
+        colours = None  # one JVP of a shared tensor gives every sample's column at once
+    k_col = 1 if colours is None else int(colours.max()) + 1
+    pairs = k_col * m
+    cols = []
+    y = aux = None
+    eye = torch.eye(m, dtype=x.dtype, device=x.device)
+    if colours is not None:
+        colours = colours.to(x.device)
+    step = plan.cols_per_jvp
+    c0 = done = 0
+    while c0 < pairs and (calls is None or done < calls):
+        c1 = min(c0 + step, pairs)
+        pair = torch.arange(c0, c1, device=x.device)
+        c, col = pair // m, pair % m
+        tangents = eye[col].reshape(c1 - c0, *t.shape)
+        if d is not None:  # e_col on the samples of colour c (all samples: broadcast)
+            tangents = tangents.unsqueeze(1 + d)
+            if colours is None:
+                tangents = tangents.expand(c1 - c0, *x.shape)
+            else:
+                mask = (colours[None, :] == c[:, None]).to(x.dtype)  # (pairs, n)
+                tangents = tangents * mask.reshape(c1 - c0, *[n if a == d else 1 for a in range(x.dim())])
+        if c1 - c0 == 1:
+            tan, (y, aux) = one(tangents[0])
+            tan = tan.unsqueeze(0)
+        else:
+            try:
+                tan, (y, aux) = vmap(one, out_dims=(0, None))(tangents)
+            except RuntimeError as e:
+                if "randomness" in str(e):
+                    # A column loop would draw anew for each column: a Jacobian of no single draw.
+                    raise RandomFunctionError(
+                        "chunkjac: fn draws random numbers (dropout in training mode?), so forward mode "
+                        "would differentiate a different draw for each input column. Call model.eval(), "
+                        "or use mode='reverse', whose one forward pass shares a single draw.") from None
+                step = 1  # no batching rule for some op: the column loop is exact and always works
+                continue
+        if colours is None:
+            cols.append(tan)  # (pairs, n, *out)
+        else:
+            pi, ji = (colours[None, :] == c[:, None]).nonzero(as_tuple=True)
+            cols.append((ji, col[pi], tan[pi, ji]))  # each sample keeps its own column
+        done += 1
+        c0 = c1
+    if y is None:  # a target with no elements
+        y, aux = g(x)
+    _check_shape(plan, y)
+    if colours is None:
+        j = cols[0] if len(cols) == 1 else torch.cat(cols, 0) if cols else y.new_zeros((0, *y.shape))
+        if j.shape[0] < m:  # stopped early (a measurement)
+            j = torch.cat([j, j.new_zeros((m - j.shape[0], *j.shape[1:]))])
+        j = j.movedim(0, -1)
+    else:
+        ji = torch.cat([t_[0] for t_ in cols])
+        ci = torch.cat([t_[1] for t_ in cols])
+        vals = torch.cat([t_[2] for t_ in cols]).reshape(len(ji), -1)  # (pairs kept, n_out)
+        j = torch.zeros((n, m, vals.shape[1]), dtype=vals.dtype, device=vals.device).index_put((ji, ci), vals)
+        j = j.movedim(1, -1)
+    j = j.reshape(n, *plan.out_shape, *t.shape)
+    return j, rebuild_box[0](aux)
