@@ -112,9 +112,11 @@ def compute(
         mode: ``"reverse"`` (one batched VJP per per-sample output element), ``"forward"`` (one
             batched JVP per per-sample input element) or ``"auto"``: the faster of the two, measured
             on small chunks. Shared tensors (parameters, unbatched inputs) always use forward mode.
-        coupling: ``"independent"``: the caller asserts that y_i depends on no x_j with j != i (no
-            attention across the batch, no BatchNorm in training mode). The result is exact under
-            that assumption and silently wrong without it; it is the only option in this version.
+        coupling: which samples interact. ``"auto"`` (default) checks on the first 64 samples and warns
+            (CouplingWarning) when it leaves the sum trick; ``"independent"`` asserts no interaction;
+            ``"coupled"``: all samples may interact; ``"unsplittable"``: per-sample derivatives, but
+            the forward pass needs the whole batch; a (B,) tensor of group ids; a (2, E) edge index,
+            sparse (B, B) adjacency or neighbour lists. Cost grows with the colours (see _coupling).
         create_graph: return Jacobians (and outputs) connected to the autograd graph, so a loss on
             them can be differentiated again (physics-informed training). Off, results are detached.
         return_outputs: also return fn's full outputs for the whole batch, computed in the same pass.
@@ -136,6 +138,7 @@ def compute(
 
     Raises:
         BudgetError: the budget cannot hold even one sample (the message says what would).
+        TooLongError: a coupled plan is predicted to take longer than ``max_seconds``.
 
     Cost: reverse mode runs one forward and n_out VJPs over the batch; forward mode n_in JVPs, where
     n_out and n_in are per-sample element counts; ``chunkjac.plan`` shows the choice and estimates.

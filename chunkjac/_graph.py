@@ -7,6 +7,7 @@ over the whole batch: 1 + ceil(log2 B) VJPs, one at a time (each costs one backw
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -63,7 +64,7 @@ def jacobian_of(outputs: torch.Tensor, inputs, *, coupling="auto", budget: int |
             f"chunkjac: jacobian_of would take about {_format_seconds(seconds)} ({pairs:,} products over the "
             f"graph of {b:,} coupled samples), over max_seconds={max_seconds:g}. Pass coupling=<group ids> or a "
             "dependency structure if only some samples interact, or max_seconds=None to run anyway.")
-    show = bool(progress) if progress is not None else (seconds > 10 and __import__("sys").stderr.isatty())
+    show = bool(progress) if progress is not None else (seconds > 10 and sys.stderr.isatty())
     from ._strategies.coloured import extract_reverse
     with tqdm(total=pairs, unit="product", disable=not show, desc="chunkjac") as bar, torch.enable_grad():
         jacs = extract_reverse(y, xs, [0] * len(xs), colours, step, create_graph, retain=True,
