@@ -15,11 +15,12 @@ import dataclasses
 
 import torch
 
-from ._function import call, chunk_args, select
+from ._function import call, chunk_args, own_buffers, select
 from ._plan import Plan
 from ._probe import PROBE_SIZES, preserved_buffers
 from ._spec import Spec
 from ._strategies import STRATEGIES
+from ._strategies.coloured import forward_refused
 
 _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -113,15 +114,18 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
             v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
 
             def g(z, t=t):
-                a, params = list(args), None
+                a, params = list(args), own_buffers(spec)
                 if t.kind == "input":
                     a[t.index] = z
                 else:
-                    params = {t.name: z}
+                    params[t.name] = z
                 return select(spec, call(spec, a, params), n)
 
-            with torch.no_grad():
-                _, jv = torch.func.jvp(g, (x,), (v,))
+            try:
+                with torch.no_grad():
+                    _, jv = torch.func.jvp(g, (x,), (v,))
+            except RuntimeError as e:
+                raise forward_refused(e) from e
             u = torch.randn(jv.shape, generator=gen, dtype=torch.float64).to(jv.device, jv.dtype)
             try:
                 z = x.clone().requires_grad_(True)

@@ -3,6 +3,7 @@
 It streams batched inputs to the compute device (on CUDA, the next chunk's copy overlaps the current
 chunk's compute on a side stream), shows progress, and backs off on out-of-memory errors: free what
 it can, halve the chunk, retry the same samples, keep the smaller size for the rest of the run.
+fn's buffers (BatchNorm running statistics) are left as they were before the call.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ._budget import format_bytes
 from ._errors import BudgetError, is_out_of_memory
 from ._function import chunk_args
 from ._plan import Plan
+from ._probe import preserved_buffers
 from ._sinks import MemorySink
 from ._spec import Spec
 from ._strategies import STRATEGIES
@@ -71,7 +73,9 @@ def execute(spec: Spec, plan: Plan, progress=None):
     bar = tqdm(total=plan.batch_size, unit="sample", unit_scale=True, disable=not _show_progress(progress, plan),
                desc="chunkjac", dynamic_ncols=True)
     backed_off = False
-    with bar:
+    # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running
+    # statistics in training mode) are put back, however many chunks and passes the plan runs.
+    with bar, preserved_buffers(spec.fn):
         start = 0
         while start < plan.batch_size:
             start, stop = plan.chunk_at(start, size)

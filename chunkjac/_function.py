@@ -80,6 +80,16 @@ def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
     return out
 
 
+def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:
+    """Copies of the buffers of a module in training mode, to pass to ``call`` inside torch.func.jvp:
+    in training mode fn may update buffers in place (BatchNorm's running statistics), which jvp
+    refuses on tensors made outside it; copies made inside it may be updated (and are then dropped)."""
+    fn = spec.fn
+    if not isinstance(fn, torch.nn.Module) or not any(m.training for m in fn.modules()):
+        return {}
+    return {name: b.clone() for name, b in fn.named_buffers()}
+
+
 def detach_all(out: Any) -> Any:
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
 

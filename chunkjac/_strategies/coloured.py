@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch.func import jvp, vmap
 
-from .._errors import RandomFunctionError
-from .._function import call, detach_all, select, split_tensors
+from .._errors import RandomFunctionError, is_out_of_memory
+from .._function import call, detach_all, own_buffers, select, split_tensors
 from .._plan import Plan
 from .._spec import Spec
 
@@ -179,11 +179,11 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
 
     def g(v):
         a = list(args)
-        params = None
+        params = own_buffers(spec)
         if t.kind == "input":
             a[t.index] = v
         else:
-            params = {t.name: v}
+            params[t.name] = v
         out = call(spec, a, params)
         y = select(spec, out, n)
         tensors, rebuild = split_tensors(out)
@@ -194,6 +194,12 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
     def one(tangent):
         y, tan, aux = jvp(g, (x,), (tangent,), has_aux=True)
         return tan, (y, aux)
+
+    def single(tangent):
+        try:
+            return one(tangent)
+        except RuntimeError as e:
+            raise forward_refused(e) from e
 
     m = t.numel
     if d is None:
@@ -220,7 +226,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
                 mask = (colours[None, :] == c[:, None]).to(x.dtype)  # (pairs, n)
                 tangents = tangents * mask.reshape(c1 - c0, *[n if a == d else 1 for a in range(x.dim())])
         if c1 - c0 == 1:
-            tan, (y, aux) = one(tangents[0])
+            tan, (y, aux) = single(tangents[0])
             tan = tan.unsqueeze(0)
         else:
             try:
@@ -257,3 +263,15 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         j = j.movedim(1, -1)
     j = j.reshape(n, *plan.out_shape, *t.shape)
     return j, rebuild_box[0](aux)
+
+
+def forward_refused(e: RuntimeError) -> RuntimeError:
+    """torch.func.jvp's failure, said in fn's terms; out-of-memory errors pass through for back-off."""
+    if is_out_of_memory(e) or isinstance(e, RandomFunctionError):
+        return e
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = ""
+    if "mutate" in why or "in-place" in why or "inplace" in why:
+        hint = (" fn updates a tensor in place during its forward pass (BatchNorm running statistics in "
+                "training mode?), which torch.func.jvp cannot trace.")
+    return RuntimeError(f"chunkjac: forward mode cannot run fn ({why}).{hint} Pass mode='reverse'.")
