@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ._budget import format_bytes
@@ -121,6 +122,22 @@ class Plan:
             yield start, stop
             start = stop
 
+    def chunk_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(samples, colours) of every chunk, as arrays in chunk order."""
+        bounds = np.array([0] + [stop for _, stop in self.chunks()])
+        sizes = np.diff(bounds)
+        if self.coupling is None or self.coupling.colours is None:
+            return sizes, np.ones_like(sizes)
+        # Distinct colours per chunk: unique (chunk, colour) pairs, counted by chunk.
+        chunk = np.repeat(np.arange(len(sizes)), sizes)
+        c = self.coupling.colours.numpy()
+        pairs = np.unique(chunk * (int(c.max()) + 1) + c)
+        return sizes, np.bincount(pairs // (int(c.max()) + 1), minlength=len(sizes))
+
+    @property
+    def largest_chunk(self) -> int:
+        return int(self.chunk_table()[0].max()) if self.coupling is not None else min(self.chunk_size, self.batch_size)
+
     @property
     def products_per_chunk(self) -> tuple[int, int]:
         """(batched VJPs, batched JVPs) the largest chunk costs."""
@@ -142,7 +159,7 @@ class Plan:
             cols = sum(n * self.colours for n, m in zip(self.in_numels, self.modes) if m == "forward")
             work.append(f"{cols:,} JVP{'s' * (cols != 1)} {per} in {jvps:,} call{'s' * (jvps != 1)}")
         size = f"{self.chunk_size:,}" if self.coupling is None or self.coupling.bounds is None \
-            else f"≤ {self.chunk_size:,}"
+            else f"≤ {self.largest_chunk:,}"
         parts = [f"{self.batch_size:,} samples in {self.num_chunks:,} {c} of {size}"]
         if self.coupling is not None:
             parts.append(f"coupled ({describe(self.coupling)}): {self.colours:,} colour"
@@ -394,18 +411,20 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
         if t_k / k_fit < per_pair:
             k, per_pair = k_fit, t_k / k_fit
     # Chunks of several coupled sets: scale linearly from the measured chunk, within the budget.
-    n = n_chunk
+    size = n_chunk
     if not extrapolated and unit < spec.batch_size:
         mem_k = base_mem + per_k * k
         room = int(n0 * share / mem_k) if mem_k > 0 else spec.batch_size
-        n = coupling.stop(0, chunk_size or max(1, min(target, room)))
-    ratio = n / n_chunk
-    calls = -(-colours_in(n) * width // k) if not extrapolated else -(-pairs // k)
-    chunk_seconds = ratio * (t_fwd + calls * per_pair * k)
-    plan = dataclasses.replace(with_k(k), chunk_size=n, peak_bytes=int(ratio * (base_mem + per_k * k)),
-                               budget_bytes=budget_bytes, colours=colours_in(n) if not extrapolated else coupling.num_colours,
-                               extrapolated=extrapolated)
-    return dataclasses.replace(plan, seconds=chunk_seconds * plan.num_chunks)
+        size = chunk_size or max(1, min(target, room))
+    plan = dataclasses.replace(with_k(k), chunk_size=size, budget_bytes=budget_bytes, extrapolated=extrapolated)
+    # Every chunk's cost from its own size and colours: uneven groups make chunks of unequal cost.
+    sizes, colours = plan.chunk_table()
+    if extrapolated:
+        colours = np.full_like(colours, coupling.num_colours)
+    calls = -(-colours * width // k)
+    seconds = float(((sizes / n_chunk) * (t_fwd + calls * per_pair * k)).sum())
+    return dataclasses.replace(plan, colours=int(colours.max()), seconds=seconds,
+                               peak_bytes=int(sizes.max() / n_chunk * (base_mem + per_k * k)))
 
 
 def _power(na: int, nb: int, va: float, vb: float) -> float:
