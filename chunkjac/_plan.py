@@ -319,14 +319,16 @@ def _round_up(nbytes: float) -> str:
 # A coupled chunk holds whole coupled sets and costs one forward plus ceil(P / k) batched products,
 # P = colours x rows (reverse) or colours x columns (forward), k pairs per call. Running a whole
 # chunk to measure it would be the work itself (3072 products for 1024 coupled samples of dim 3),
-# so the planner measures chunks cut short: the forward with 1 and 2 products of 1 pair, and of 2
+# so the planner measures chunks cut short: the forward with 1 and 3 products of 1 pair, and of 2
 # pairs (memory: a + b*k), then one product of the largest k that fits (up to KMAX) to see whether
 # vectorising pairs pays. It does not always: on a 2-core CPU, 1024-sample attention ran 0.44x as
-# fast with 16 pairs per call as with 1 (the (k, B, B) intermediates leave the caches), so the
-# faster per pair wins. Chunks of several coupled sets (groups) are measured on up to PROBE_MAX
-# samples and scaled linearly; one coupled set larger than that is measured at 1,024 and 4,096
-# samples and extrapolated with the fitted power of n (the plan says so).
+# fast with 16 pairs per call as with 1 (the (k, B, B) intermediates leave the caches), so k wins
+# only when it is cheaper per pair by VECTORISE_GAIN (single timings are noisy). Chunks of several
+# coupled sets (groups) are measured on up to PROBE_MAX samples and scaled linearly; one coupled
+# set larger than that is measured at 1,024 and 4,096 samples and extrapolated with the fitted
+# power of n (the plan says so).
 KMAX = 64
+VECTORISE_GAIN = 0.8  # more pairs per call must be this much cheaper per pair (timings are noisy)
 PROBE_MAX = 4096
 EXTRAPOLATE_FROM = (1024, 4096)
 
@@ -381,8 +383,9 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
         n0 = sizes[-1]
     fits = {}
     for n in sizes:
-        (m1, t1), (_, t2), (m2, _) = step(n, 1, 1), step(n, 1, 2), step(n, min(2, colours_in(n) * width), 1)
-        fits[n] = (m1, m2 - m1, max(t2 - t1, 1e-7), max(2 * t1 - t2, 0.0))  # mem a+b, b, t per call, t forward
+        (m1, t1), (_, t3), (m2, _) = step(n, 1, 1), step(n, 1, 3), step(n, min(2, colours_in(n) * width), 1)
+        t_call = max((t3 - t1) / 2, 1e-7)  # over two calls: half the noise of one difference
+        fits[n] = (m1, m2 - m1, t_call, max(t1 - t_call, 0.0))  # mem a+b, b, t per call, t forward
     if extrapolated:
         (na, fa), (nb, fb) = list(fits.items())[0], list(fits.items())[-1]
         scale = [_power(na, nb, u, v) for u, v in zip(fa, fb)]
@@ -408,7 +411,7 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     k, per_pair = 1, t_call
     if k_fit > 1 and not extrapolated:
         t_k = step(n0, k_fit, 1)[1] - t_fwd
-        if t_k / k_fit < per_pair:
+        if t_k / k_fit < VECTORISE_GAIN * per_pair:  # vectorise only where it clearly pays
             k, per_pair = k_fit, t_k / k_fit
     # Chunks of several coupled sets: scale linearly from the measured chunk, within the budget.
     size = n_chunk
