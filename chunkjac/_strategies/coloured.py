@@ -92,26 +92,18 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
     n = y.shape[0]
     rows = y[0].numel()
     yf = y.reshape(n, rows)
-    k_col = 1 if colours is None else int(colours.max()) + 1
-    pairs = k_col * rows
+    shapes = [tuple(s for k, s in enumerate(x.shape) if k != d) for x, d in zip(prims, dims)]
+    if colours is not None:
+        return _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, retain, on_call)
     blocks: list[list] = [[] for _ in prims]
-    done = 0
     if y.requires_grad and rows:
         eye = torch.eye(rows, dtype=y.dtype, device=y.device)
-        if colours is not None:
-            colours = colours.to(y.device)
-        p0 = 0
-        while p0 < pairs and (calls is None or done < calls):
-            p1 = min(p0 + step, pairs)
-            pair = torch.arange(p0, p1, device=y.device)
-            c, r = pair // rows, pair % rows
-            if colours is None:
-                cot = eye[r].unsqueeze(1).expand(p1 - p0, n, rows)
-            else:
-                mask = (colours[None, :] == c[:, None]).to(y.dtype)
-                cot = mask[:, :, None] * eye[r][:, None, :]
+        p0 = done = 0
+        while p0 < rows and (calls is None or done < calls):
+            p1 = min(p0 + step, rows)
+            cot = eye[p0:p1].unsqueeze(1).expand(p1 - p0, n, rows)
             try:
-                gs = _vjp_block(yf, prims, cot, create, last=p1 == pairs and not retain)
+                gs = _vjp_block(yf, prims, cot, create, last=p1 == rows and not retain)
             except RuntimeError:
                 if p1 - p0 == 1:
                     raise
@@ -121,31 +113,76 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
                 continue
             for b, g, x, d in zip(blocks, gs, prims, dims):
                 g = torch.zeros((p1 - p0, *x.shape), dtype=y.dtype, device=y.device) if g is None else g
-                g = g.movedim(1 + d, 1).to(y.dtype)  # (pairs, n, *in)
-                if colours is None:
-                    b.append(g.transpose(0, 1))  # (n, rows of the block, *in)
-                else:
-                    pi, ji = (colours[None, :] == c[:, None]).nonzero(as_tuple=True)
-                    b.append((ji, r[pi], g[pi, ji]))  # each sample keeps its own slice
+                b.append(g.movedim(1 + d, 1).to(y.dtype).transpose(0, 1))  # (n, rows of the block, *in)
             done += 1
             if on_call is not None:
                 on_call(p1 - p0)
             p0 = p1
     jacs = []
-    for b, x, d in zip(blocks, prims, dims):
-        shp = tuple(s for k, s in enumerate(x.shape) if k != d)
+    for b, shp in zip(blocks, shapes):
         if not b:  # fn's output does not depend on any wrt input (a constant): zero Jacobian
             j = torch.zeros((n, rows, *shp), dtype=y.dtype, device=y.device)
-        elif colours is None:
+        else:
             j = b[0] if len(b) == 1 and b[0].shape[1] == rows else torch.cat(b, dim=1)
             if j.shape[1] < rows:  # stopped early (a measurement)
                 j = torch.cat([j, j.new_zeros((n, rows - j.shape[1], *shp))], 1)
-        else:
-            ji = torch.cat([t[0] for t in b])
-            ri = torch.cat([t[1] for t in b])
-            vals = torch.cat([t[2] for t in b])
-            j = torch.zeros((n, rows, *shp), dtype=y.dtype, device=y.device).index_put((ji, ri), vals)
         jacs.append(j)
+    return jacs
+
+
+def _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, retain, on_call):
+    """extract_reverse with colours: the pair (c, r) puts e_r on the members of colour c, and each
+    member keeps its own slice of the gradient. Per call: one cotangent scatter, one VJP, one gather
+    (the members of each colour are sorted out once: a fully coupled chunk runs B x rows calls)."""
+    n, rows = yf.shape
+    dev = y.device
+    colours = colours.to(dev)
+    k_col = int(colours.max()) + 1
+    members = list(torch.split(torch.argsort(colours, stable=True), torch.bincount(colours, minlength=k_col).tolist()))
+    pairs = k_col * rows
+    # Without create_graph each gather lands in place; with it, pieces are joined once at the end.
+    jacs = [torch.zeros((n, rows, *shp), dtype=y.dtype, device=dev) for shp in shapes]
+    pieces: list[list] = [[] for _ in prims]
+    p0 = done = 0
+    while y.requires_grad and rows and p0 < pairs and (calls is None or done < calls):
+        p1 = min(p0 + step, pairs)
+        last = p1 == pairs and not retain
+        if p1 - p0 == 1:  # the common case on CPUs (see [Planning coupled chunks]): kept lean
+            c, r = divmod(p0, rows)
+            ji, ri = members[c], r
+            cot = y.new_zeros((n, rows))
+            cot[ji, r] = 1
+            gs = torch.autograd.grad(yf, prims, cot, retain_graph=create or not last, create_graph=create,
+                                     allow_unused=True)
+            gs = [None if g is None else g.movedim(d, 0)[ji] for g, d in zip(gs, dims)]
+        else:
+            block = [divmod(q, rows) for q in range(p0, p1)]
+            ji = torch.cat([members[c] for c, _ in block])
+            pi = torch.cat([torch.full_like(members[c], j) for j, (c, _) in enumerate(block)])
+            ri = torch.cat([torch.full_like(members[c], r) for c, r in block])
+            cot = y.new_zeros((p1 - p0, n, rows)).index_put_((pi, ji, ri), y.new_ones(()))
+            try:
+                gs = _vjp_block(yf, prims, cot, create, last=last)
+            except RuntimeError:
+                step = 1  # no batching rule for some backward: the loop (see extract_reverse)
+                continue
+            gs = [None if g is None else g.movedim(1 + d, 1)[pi, ji] for g, d in zip(gs, dims)]
+        for k, vals in enumerate(gs):  # vals: (members of the block, *in), each sample its own slice
+            if vals is None:
+                continue  # this input does not reach y: its rows stay zero
+            if create:
+                pieces[k].append((ji, torch.full_like(ji, ri) if isinstance(ri, int) else ri, vals))
+            else:
+                jacs[k][ji, ri] = vals  # (cast to the output dtype by the copy)
+        done += 1
+        if on_call is not None:
+            on_call(p1 - p0)
+        p0 = p1
+    if create:
+        for k, p in enumerate(pieces):
+            if p:
+                idx = (torch.cat([t[0] for t in p]), torch.cat([t[1] for t in p]))
+                jacs[k] = jacs[k].index_put(idx, torch.cat([t[2] for t in p]).to(y.dtype))
     return jacs
 
 
