@@ -130,6 +130,7 @@ def compute(
         chunk_size: samples per chunk, overriding the planner.
         progress: a progress bar on stderr: True, False, or None for "when the run is predicted to
             take over 10 s and stderr is a terminal".
+        max_seconds: refuse (TooLongError) a coupled plan predicted to take longer; None: no limit.
 
     Returns:
         For a batched input x of shape (B, *in) and output y of shape (B, *out): a tensor of shape

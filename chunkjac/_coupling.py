@@ -218,7 +218,7 @@ def describe(c: Coupling) -> str:
         return "independent samples"
     if c.kind == "unsplittable":
         return "independent derivatives, unsplittable forward"
-    return f"{c.kind}, {k} colour{'s' * (k != 1)}" + (f", sets of ≤ {c.unit:,}" if c.unit < c.batch_size else "")
+    return f"{c.kind}, {k:,} colour{'s' * (k != 1)}" + (f", sets of ≤ {c.unit:,}" if c.unit < c.batch_size else "")
 
 
 def log2_ceil(n: int) -> int:
