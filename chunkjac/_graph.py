@@ -18,7 +18,7 @@ from ._coupling import Coupling, coupled, from_argument, independent, log2_ceil
 from ._detect import RTOL
 from ._errors import BudgetError, TooLongError, describe
 from ._memory import free_bytes, measure_peak
-from ._plan import KMAX, _format_seconds, margin
+from ._plan import KMAX, VECTORISE_GAIN, _format_seconds, margin
 from ._spec import _FLOATS
 
 
@@ -170,6 +170,6 @@ def _plan(y, xs, colours, pairs: int, budget_bytes: int, create: bool) -> tuple[
     best, per_pair = 1, t1
     if k > 1:
         tk = min(timed(k), timed(k))
-        if tk / k < t1:
+        if tk / k < VECTORISE_GAIN * t1:
             best, per_pair = k, tk / k
     return best, per_pair * pairs
