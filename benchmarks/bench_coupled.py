@@ -121,7 +121,9 @@ try:
     print(json.dumps({"seconds": statistics.median(ts), "peak_mb": (peak[0] - base) / 1e6, "err": err,
                       "extrapolated": e is not None, "first": first}))
 except (RuntimeError, MemoryError) as ex:
-    print(json.dumps({"seconds": None, "note": f"{type(ex).__name__}: {str(ex)[:90]}"}))
+    oom = "can't allocate memory" in str(ex) or isinstance(ex, MemoryError)
+    note = f"out of memory under the {budget} limit" if oom else f"{type(ex).__name__}: {str(ex)[:90]}"
+    print(json.dumps({"seconds": None, "note": note}))
 '''
 
 
