@@ -344,14 +344,10 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec, coupling))
     n_out = p.out_numel
     batched_in = sum(t.numel for t in spec.targets if t.batched)
-    mode = spec.mode if spec.mode != "auto" else ("forward" if JVP_COST * batched_in < n_out else "reverse")
-    modes = tuple(mode if t.batched else "forward" for t in spec.targets)
-    width = n_out if "reverse" in modes else max(t.numel for t in spec.targets)
+    preferred = "forward" if JVP_COST * batched_in < n_out else "reverse"
+    # auto: the count rule's mode, and the other one if fn cannot run it (no forward-mode formula).
+    tries = [spec.mode] if spec.mode != "auto" else [preferred, "reverse" if preferred == "forward" else "forward"]
     result_bytes = p.out_numel * sum(t.numel for t in spec.targets) * p.dtype.itemsize
-    base = Plan(strategy="coloured", modes=modes, batch_size=spec.batch_size, chunk_size=spec.batch_size,
-                rows_per_vjp=1, cols_per_jvp=1 if "reverse" not in modes else max(t.numel for t in spec.targets),
-                out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
-                device=device, coupling=coupling, max_seconds=max_seconds, batched_outputs=p.batched_outputs)
 
     def with_k(k: int) -> Plan:
         if "reverse" in modes:
@@ -364,7 +360,8 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
 
     def step(n: int, k: int, calls: int):
         c = coupling.colours_at(0, n)
-        return cache.get(key + ("step", n, k, calls), spec.fn, lambda: measure_step(spec, with_k(k), n, c, calls))
+        return cache.get(key + ("step", modes, n, k, calls), spec.fn,
+                         lambda: measure_step(spec, with_k(k), n, c, calls))
 
     share = margin(device) * budget_bytes
     unit = coupling.unit
@@ -381,6 +378,20 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     else:  # one coupled set too large to measure: two prefixes, then a power law
         sizes = [s for s in EXTRAPOLATE_FROM if s < spec.batch_size]
         n0 = sizes[-1]
+    for i, mode in enumerate(tries):
+        modes = tuple(mode if t.batched else "forward" for t in spec.targets)
+        width = n_out if "reverse" in modes else max(t.numel for t in spec.targets)
+        base = Plan(strategy="coloured", modes=modes, batch_size=spec.batch_size, chunk_size=spec.batch_size,
+                    rows_per_vjp=1, cols_per_jvp=1 if "reverse" not in modes else max(t.numel for t in spec.targets),
+                    out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
+                    device=device, coupling=coupling, max_seconds=max_seconds, batched_outputs=p.batched_outputs)
+        try:
+            step(sizes[0], 1, 1)
+            break
+        except (RuntimeError, NotImplementedError) as e:
+            if i == len(tries) - 1 or is_out_of_memory(e) or modes == tuple(
+                    tries[i + 1] if t.batched else "forward" for t in spec.targets):
+                raise
     fits = {}
     for n in sizes:
         (m1, t1), (_, t3), (m2, _) = step(n, 1, 1), step(n, 1, 3), step(n, min(2, colours_in(n) * width), 1)
