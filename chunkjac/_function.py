@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ._inputs import Source
 from ._spec import Spec, _FLOATS, _describe
 
 
@@ -15,8 +16,11 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
     narrowed (and copied there if they live elsewhere; pinned, non-blocking on CUDA), others as given."""
     out = []
     for a, d in zip(spec.args, spec.in_dims):
-        if d is not None:
+        if isinstance(a, Source):
+            a = a.read(start, stop)  # a fresh CPU tensor
+        elif d is not None:
             a = a.narrow(d, start, stop - start)
+        if d is not None:
             if a.is_inference():  # made under inference_mode: autograd cannot record on it
                 a = a.clone()
             if a.device != spec.device:

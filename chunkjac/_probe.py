@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 from ._errors import is_out_of_memory
 from ._function import call, chunk_args, select
 from ._memory import measure_peak
+from ._inputs import Source
 from ._spec import Spec
 
 PROBE_SIZES = (2, 10)  # at least two: BatchNorm in training mode refuses a single sample
@@ -231,7 +232,7 @@ class ProbeCache:
     def key(spec: Spec, *extra) -> tuple:
         """What a probe's results depend on: fn (and, for a module, its mode and the shapes of its
         tensors), the inputs' shapes/dtypes/devices and non-tensor values, and the call options."""
-        args = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, torch.Tensor) else _value_key(a)
+        args = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, (torch.Tensor, Source)) else _value_key(a)
                      for a in spec.args)
         targets = tuple((t.kind, t.index, t.name) for t in spec.targets)
         module = _owner(spec.fn) if isinstance(_owner(spec.fn), nn.Module) else None

@@ -13,9 +13,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ._coupling import Coupling, from_argument
 from ._errors import describe as _describe
+from ._inputs import Source, from_dataset, from_memmap, is_lazy_array, with_batch_dim
 
 MODES = ("auto", "reverse", "forward")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,6 +82,7 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
             "derivative can be taken. Call it outside inference_mode (inside torch.no_grad() is fine).")
     args = _normalize_inputs(inputs)
     dims = _normalize_in_dims(in_dims, args)
+    args = _place_sources(args, dims)
     batch_size = _batch_size(args, dims)
     home = next(a.device for a, d in zip(args, dims) if d is not None)
     device = _resolve_device(device, fn, home)
@@ -130,14 +133,19 @@ def _normalize_inputs(inputs) -> tuple:
             "chunkjac: inputs must be a tensor or a tuple of positional arguments, got a list. "
             "Pass tuple(inputs) for several arguments, or (inputs,) if fn takes the list itself.")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(inputs, Dataset):
+        return from_dataset(inputs)
     out = []
-    for a in args:
+    for k, a in enumerate(args):
+        if is_lazy_array(a):
+            out.append(from_memmap(a, f"input {k} (a {'memmap' if isinstance(a, np.memmap) else 'read-only array'})"))
+            continue
         if isinstance(a, np.ndarray):
             # from_numpy shares memory where it can; it refuses negative strides and foreign byte
-            # order, and warns on read-only arrays (a memmap): those are copied.
+            # order (read-only arrays and memmaps are read chunk by chunk, above).
             if not a.dtype.isnative:
                 a = a.astype(a.dtype.newbyteorder("="))
-            if any(st < 0 for st in a.strides) or not a.flags.writeable:
+            if any(st < 0 for st in a.strides):
                 a = np.array(a)
             a = torch.from_numpy(a)
         out.append(a)
@@ -148,7 +156,7 @@ def _normalize_inputs(inputs) -> tuple:
 
 def _normalize_in_dims(in_dims, args) -> tuple[int | None, ...]:
     if in_dims is None or isinstance(in_dims, numbers.Integral) and not isinstance(in_dims, bool):
-        raw = [in_dims if isinstance(a, torch.Tensor) else None for a in args]
+        raw = [in_dims if isinstance(a, (torch.Tensor, Source)) else None for a in args]
     elif isinstance(in_dims, (tuple, list)):
         if len(in_dims) != len(args):
             raise ValueError(
@@ -164,7 +172,7 @@ def _normalize_in_dims(in_dims, args) -> tuple[int | None, ...]:
             continue
         if not isinstance(d, numbers.Integral) or isinstance(d, bool):
             raise TypeError(f"chunkjac: in_dims[{i}] must be an int or None, got {_describe(d)}.")
-        if not isinstance(a, torch.Tensor):
+        if not isinstance(a, (torch.Tensor, Source)):
             raise ValueError(
                 f"chunkjac: in_dims[{i}]={d} but input {i} is {_describe(a)}, not a tensor; "
                 "use None for inputs that are not batched.")
@@ -177,6 +185,12 @@ def _normalize_in_dims(in_dims, args) -> tuple[int | None, ...]:
                 "use None for it.")
         dims.append(int(d) % a.dim())
     return tuple(dims)
+
+
+def _place_sources(args, dims) -> tuple:
+    """Sources read along their in_dims; an unbatched one (in_dims None) is read whole."""
+    return tuple((with_batch_dim(a, d) if d is not None else a.read_all()) if isinstance(a, Source) else a
+                 for a, d in zip(args, dims))
 
 
 def _batch_size(args, dims) -> int:
@@ -267,7 +281,7 @@ def _check_float(t: torch.Tensor, label: str) -> None:
 
 
 def _input_target(i, a, d, label) -> Target:
-    if not isinstance(a, torch.Tensor):
+    if not isinstance(a, (torch.Tensor, Source)):
         raise TypeError(f"chunkjac: {label} names input {i}, which is {_describe(a)}, not a tensor.")
     _check_float(a, f"input {i} ({label})")
     shape = tuple(s for k, s in enumerate(a.shape) if k != d) if d is not None else tuple(a.shape)
