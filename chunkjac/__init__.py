@@ -13,6 +13,7 @@ from ._budget import parse_budget
 from ._check import check_forward_mode
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._detect import check as check_coupling
+from ._dump import check_fits_in_memory, open_output
 from ._errors import BudgetError, CouplingWarning, TooLongError
 from ._executor import execute
 from ._graph import jacobian_of
@@ -21,7 +22,7 @@ from ._plan import Plan, make_coupled_plan, make_plan
 from ._probe import ProbeCache
 from ._spec import Spec, normalize
 
-__version__ = "0.3.0"
+from ._version import __version__  # noqa: E402
 __all__ = ["compute", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingWarning", "TooLongError",
            "ProbeCache", "probe_cache", "__version__"]
 
@@ -95,6 +96,8 @@ def compute(
     chunk_size: int | None = None,
     progress: bool | None = None,
     max_seconds: float | None = MAX_SECONDS,
+    out: Any = None,
+    resume: bool = True,
 ):
     """Per-sample Jacobians ``J[i] = d fn(x)_i / d x_i`` for every sample i of a batch.
 
@@ -131,6 +134,14 @@ def compute(
         progress: a progress bar on stderr: True, False, or None for "when the run is predicted to
             take over 10 s and stderr is a terminal".
         max_seconds: refuse (TooLongError) a coupled plan predicted to take longer; None: no limit.
+        out: where the result goes: None (new memory; refused, with advice, when it would not fit),
+            a preallocated tensor of the result's shape and dtype (a tuple of them for a tuple wrt),
+            or a path to a ``.npy`` file, created at its final shape and filled chunk by chunk, with a
+            manifest next to it (``path + ".chunkjac.json"``) that makes the dump resumable. The call
+            returns ``out`` (for a path: a CPU tensor sharing memory with the file).
+        resume: with a path ``out`` whose manifest matches this call, skip the chunks already on disk
+            (a complete dump is a no-op); False starts the file over. A manifest of a different call
+            is refused either way.
 
     Returns:
         For a batched input x of shape (B, *in) and output y of shape (B, *out): a tensor of shape
@@ -153,8 +164,14 @@ def compute(
                        device, chunk_size, max_seconds)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
-    check_forward_mode(spec, p)
-    return execute(spec, p, progress=progress)
+    if out is None:
+        check_fits_in_memory(spec, p)
+        check_forward_mode(spec, p)
+        return execute(spec, p, progress=progress)
+    o = open_output(spec, p, out, resume)
+    if not o.complete:
+        check_forward_mode(spec, o.plan)
+    return execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
 
 
 def plan(

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from ._budget import format_bytes
 from ._errors import BudgetError, is_out_of_memory
 from ._function import chunk_args
+from ._inputs import Source
 from ._plan import Plan
 from ._probe import preserved_buffers
 from ._sinks import MemorySink
@@ -35,69 +37,109 @@ def _show_progress(progress, plan: Plan) -> bool:
 
 
 class _Loader:
-    """Chunk inputs on the compute device; on CUDA from host memory, prefetched on a side stream."""
+    """Chunk inputs on the compute device. The next chunk is read ahead: on a background thread when
+    inputs are read from files or a Dataset, and on CUDA with its host-to-device copy on a side stream."""
 
     def __init__(self, spec: Spec):
         self.spec = spec
         streams = spec.device.type == "cuda" and any(
             d is not None and a.device != spec.device for a, d in zip(spec.args, spec.in_dims))
         self.stream = torch.cuda.Stream(spec.device) if streams else None
+        lazy = any(isinstance(a, Source) for a in spec.args)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunkjac-reader") if lazy else None
         self.ahead = None
 
-    def prefetch(self, start: int, stop: int) -> None:
-        if self.stream is None:
-            return
-        with torch.cuda.stream(self.stream):
-            self.ahead = ((start, stop), chunk_args(self.spec, start, stop))
-
-    def get(self, start: int, stop: int) -> list:
+    def _load(self, start: int, stop: int) -> list:
         if self.stream is None:
             return chunk_args(self.spec, start, stop)
-        if self.ahead is None or self.ahead[0] != (start, stop):
-            self.prefetch(start, stop)
-        (_, args), self.ahead = self.ahead, None
-        current = torch.cuda.current_stream(self.spec.device)
-        current.wait_stream(self.stream)
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.device == self.spec.device:
-                a.record_stream(current)  # memory made on the side stream, used on this one
+        with torch.cuda.stream(self.stream):
+            return chunk_args(self.spec, start, stop)
+
+    def prefetch(self, start: int, stop: int) -> None:
+        if self.pool is not None:
+            self.ahead = ((start, stop), self.pool.submit(self._load, start, stop))
+        elif self.stream is not None:
+            self.ahead = ((start, stop), self._load(start, stop))
+
+    def get(self, start: int, stop: int) -> list:
+        if self.ahead is not None and self.ahead[0] == (start, stop):
+            args = self.ahead[1]
+            args = args.result() if isinstance(args, Future) else args
+        else:
+            self.drop()
+            args = self._load(start, stop)
+        self.ahead = None
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.spec.device)
+            current.wait_stream(self.stream)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.device == self.spec.device:
+                    a.record_stream(current)  # memory made on the side stream, used on this one
         return args
 
+    def drop(self) -> None:
+        if self.ahead is not None and isinstance(self.ahead[1], Future):
+            self.ahead[1].cancel()
+            try:
+                self.ahead[1].result()
+            except Exception:  # noqa: BLE001 - a read ahead that failed is read again, and fails there
+                pass
+        self.ahead = None
 
-def execute(spec: Spec, plan: Plan, progress=None):
+    def close(self) -> None:
+        self.drop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[int, int]] | None = None,
+            skip: frozenset = frozenset()):
+    """Run ``plan`` into ``sink`` (default: memory). ``units``: the chunks a dump records as done
+    (``sink.done(i)`` after the last piece of unit i is written); those in ``skip`` are already on
+    disk. Without units the whole batch is one unit. Returns what compute returns."""
     strategy = STRATEGIES[plan.strategy]
-    sink = MemorySink(plan.batch_size, differentiable=spec.create_graph, keep_outputs=spec.return_outputs,
-                      device=spec.home)
+    if sink is None:
+        sink = MemorySink(plan.batch_size, differentiable=spec.create_graph, keep_outputs=spec.return_outputs,
+                          device=spec.home)
+    units = units or [(0, plan.batch_size)]
+    todo = [(i, u) for i, u in enumerate(units) if i not in skip]
     loader = _Loader(spec)
     size = plan.chunk_size
-    bar = tqdm(total=plan.batch_size, unit="sample", unit_scale=True, disable=not _show_progress(progress, plan),
-               desc="chunkjac", dynamic_ncols=True)
+    already = sum(b - a for i, (a, b) in enumerate(units) if i in skip)
+    bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True,
+               disable=not _show_progress(progress, plan), desc="chunkjac", dynamic_ncols=True)
     backed_off = False
     # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running
     # statistics in training mode) are put back, however many chunks and passes the plan runs.
-    with bar, preserved_buffers(spec.fn):
-        start = 0
-        while start < plan.batch_size:
-            start, stop = plan.chunk_at(start, size)
-            failed = False
-            try:
-                args = loader.get(start, stop)
-                nxt = plan.chunk_at(stop, size)
-                if nxt[0] < plan.batch_size:
-                    loader.prefetch(*nxt)
-                jacs, outputs = strategy(spec, plan, args, stop - start, plan.colours_at(start, stop))
-            except Exception as e:
-                if not is_out_of_memory(e):
-                    raise
-                failed = True  # leave the except block first: its traceback holds the chunk's tensors
-            if failed:
-                args = jacs = outputs = None
-                loader.ahead = None
-                size, plan, backed_off = *_back_off(spec, plan, start, stop), True
-                continue
-            sink.write(start, stop, jacs, outputs)
-            bar.update(stop - start)
-            start = stop
+    try:
+        with bar, preserved_buffers(spec.fn):
+            for k, (unit, (u0, u1)) in enumerate(todo):
+                start = u0
+                while start < u1:
+                    stop = min(plan.chunk_at(start, size)[1], u1)
+                    failed = False
+                    try:
+                        args = loader.get(start, stop)
+                        nxt = _next_piece(plan, size, stop, u1, todo, k)
+                        if nxt is not None:
+                            loader.prefetch(*nxt)
+                        jacs, outputs = strategy(spec, plan, args, stop - start, plan.colours_at(start, stop))
+                    except Exception as e:
+                        if not is_out_of_memory(e):
+                            raise
+                        failed = True  # leave the except block first: its traceback holds the chunk's tensors
+                    if failed:
+                        args = jacs = outputs = None
+                        loader.drop()
+                        size, plan, backed_off = *_back_off(spec, plan, start, stop), True
+                        continue
+                    sink.write(start, stop, jacs, outputs)
+                    bar.update(stop - start)
+                    start = stop
+                if hasattr(sink, "done"):
+                    sink.done(unit)
+    finally:
+        loader.close()
     if backed_off:
         warnings.warn(f"chunkjac: ran out of memory on {spec.device} with the planned chunks of "
                       f"{plan.chunk_size:,} samples; finished with chunks of {size:,}.", RuntimeWarning,
@@ -105,6 +147,16 @@ def execute(spec: Spec, plan: Plan, progress=None):
     jacs = sink.jacobians()
     result = jacs[0] if spec.single else tuple(jacs)
     return (result, sink.outputs()) if spec.return_outputs else result
+
+
+def _next_piece(plan: Plan, size: int, stop: int, u1: int, todo: list, k: int):
+    """The piece after [.., stop): in the same unit, or the first of the next unit to run."""
+    if stop < u1:
+        return stop, min(plan.chunk_at(stop, size)[1], u1)
+    if k + 1 < len(todo):
+        a, b = todo[k + 1][1]
+        return a, min(plan.chunk_at(a, size)[1], b)
+    return None
 
 
 def _back_off(spec: Spec, plan: Plan, start: int, stop: int) -> tuple[int, Plan]:

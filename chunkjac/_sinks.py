@@ -1,4 +1,4 @@
-"""Sinks: where finished chunks go. Now: memory. (Preallocated tensors and .npy files come later.)"""
+"""Sinks: where finished chunks go: memory, tensors the caller allocated (out=), a .npy file."""
 from __future__ import annotations
 
 from typing import Any
@@ -66,3 +66,89 @@ def _own_memory(j: torch.Tensor) -> torch.Tensor:
     if any(st == 0 and sz > 1 for st, sz in zip(j.stride(), j.shape)):
         return j.contiguous()
     return j
+
+
+class _Staging:
+    """Copies of finished chunks from the GPU to host memory that overlap the next chunk's compute:
+    into a pinned staging buffer without blocking, then into the destination once the copy's event
+    has completed (at the next write, after the next chunk's work was queued). Elsewhere: a copy."""
+
+    def __init__(self):
+        self.pending: list = []
+        self.buffers: dict = {}
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if src.device.type != "cuda" or dst.device.type != "cpu":
+            dst.copy_(src)
+            return
+        key = (tuple(src.shape), dst.dtype, len(self.pending) % 2)
+        stage = self.buffers.get(key)
+        if stage is None:
+            stage = self.buffers[key] = torch.empty(src.shape, dtype=dst.dtype, pin_memory=True)
+        stage.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(src.device))
+        self.pending.append((event, stage, dst))
+
+    def drain(self) -> None:
+        for event, stage, dst in self.pending:
+            event.synchronize()
+            dst.copy_(stage)
+        self.pending = []
+
+
+class TensorSink(MemorySink):
+    """Writes chunk results into tensors the caller allocated (``out=``), and returns them."""
+
+    def __init__(self, outs: list[torch.Tensor], batch_size: int, keep_outputs: bool, device: torch.device):
+        super().__init__(batch_size, differentiable=False, keep_outputs=keep_outputs, device=device)
+        self.outs = outs
+        self.staging = _Staging()
+
+    def write(self, start: int, stop: int, jacs: list[torch.Tensor], outputs: Any) -> None:
+        self.staging.drain()
+        if self.keep_outputs:
+            self._outputs.append(tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, outputs))
+        for dst, j in zip(self.outs, jacs):
+            self.staging.copy(dst[start:stop], j.detach())
+
+    def jacobians(self) -> list[torch.Tensor]:
+        self.staging.drain()
+        return self.outs
+
+
+class NpySink(TensorSink):
+    """Writes into a memory-mapped ``.npy`` file and keeps its manifest (see [Resuming a dump] in
+    _manifest): a chunk is listed as done only after its rows are flushed to the file."""
+
+    def __init__(self, path: str, array, manifest: dict, batch_size: int):
+        super().__init__([torch.from_numpy(array)], batch_size, keep_outputs=False, device=torch.device("cpu"))
+        self.path, self.array, self.manifest = path, array, manifest
+        self.ready: list[int] = []  # chunks written, waiting for their copies to land
+
+    def write(self, start, stop, jacs, outputs) -> None:
+        self.staging.drain()  # the previous chunk's rows have landed: list its unit as done
+        self._commit()
+        super().write(start, stop, jacs, outputs)
+
+    def done(self, unit: int) -> None:
+        self.ready.append(unit)
+        if not self.staging.pending:
+            self._commit()
+
+    def _commit(self) -> None:
+        if not self.ready or self.staging.pending:
+            return
+        from . import _manifest
+        self.array.flush()  # msync: the rows are on disk before the manifest says so
+        self.manifest["done"].update(self.ready)
+        self.ready = []
+        _manifest.save(self.path, self.manifest)
+
+    def jacobians(self) -> list[torch.Tensor]:
+        from . import _manifest
+        self.staging.drain()
+        self._commit()
+        self.manifest["complete"] = len(self.manifest["done"]) == len(self.manifest["chunks"])
+        _manifest.save(self.path, self.manifest)
+        return self.outs

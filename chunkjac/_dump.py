@@ -1,0 +1,169 @@
+"""``out=``: where a run's Jacobians go when not into fresh memory — tensors the caller allocated,
+or a ``.npy`` file on disk, created at its final shape, resumable (see [Resuming a dump] in _manifest).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _manifest
+from ._budget import format_bytes
+from ._errors import BudgetError, describe
+from ._memory import free_bytes
+from ._plan import Plan
+from ._sinks import NpySink, TensorSink
+from ._spec import Spec
+
+log = logging.getLogger("chunkjac")
+HOST_SHARE = 0.9  # of the free memory a result may fill without out=
+
+
+@dataclass(frozen=True)
+class Output:
+    """What the executor needs: the sink, the plan to run (a resumed dump's own), the chunks a dump
+    records (None: not a dump), those already on disk, and whether the dump was already complete."""
+
+    sink: object
+    plan: Plan
+    units: list | None = None
+    skip: frozenset = frozenset()
+    complete: bool = False
+
+
+def result_shapes(spec: Spec, plan: Plan) -> list[tuple[int, ...]]:
+    return [(spec.batch_size, *plan.out_shape, *t.shape) for t in spec.targets]
+
+
+def check_fits_in_memory(spec: Spec, plan: Plan) -> None:
+    """Without out=, the result must fit where it goes (the inputs' device): refuse, rather than
+    swap the machine to death, and point to a file."""
+    need = sum(math.prod(s) for s in result_shapes(spec, plan)) * plan.dtype.itemsize
+    free = free_bytes(spec.home)
+    if need > HOST_SHARE * free:
+        shape = " and ".join(str(s) for s in result_shapes(spec, plan))
+        raise BudgetError(
+            f"chunkjac: the result, {shape} in {plan.dtype}, takes {format_bytes(need)}, but {spec.home} has "
+            f"{format_bytes(free)} free. Write it to disk instead: compute(..., out='jacobians.npy') fills a "
+            "memory-mapped .npy file chunk by chunk (resumable), or pass out=<a preallocated tensor>.")
+
+
+def open_output(spec: Spec, plan: Plan, out, resume: bool) -> Output:
+    if spec.create_graph:
+        raise ValueError("chunkjac: out= cannot hold Jacobians on the autograd graph; leave out=None with "
+                         "create_graph=True.")
+    if isinstance(out, (str, os.PathLike)):
+        return _open_npy(spec, plan, os.fspath(out), resume)
+    outs = [out] if spec.single else out
+    if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs) \
+            or len(outs) != len(spec.targets):
+        want = "a tensor" if spec.single else f"a tuple of {len(spec.targets)} tensors (one per wrt)"
+        raise TypeError(f"chunkjac: out must be {want} or a path to a .npy file, got {describe(out)}.")
+    for k, (o, shape) in enumerate(zip(outs, result_shapes(spec, plan))):
+        name = "out" if spec.single else f"out[{k}]"
+        if tuple(o.shape) != shape or o.dtype != plan.dtype:
+            raise ValueError(
+                f"chunkjac: {name} is {describe(o)}, but the result is {plan.dtype} of shape {shape}; allocate "
+                f"it as torch.empty({shape}, dtype={plan.dtype}).")
+        if o.requires_grad:
+            raise ValueError(f"chunkjac: {name} requires grad; out= takes plain tensors (use .detach()).")
+    sink = TensorSink(list(outs), spec.batch_size, keep_outputs=spec.return_outputs, device=spec.home)
+    return Output(sink, plan)
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        raise TypeError(
+            f"chunkjac: the Jacobian is {dtype}, which .npy files cannot hold; cast fn's output to float32 "
+            "(e.g. lambda x: model(x).float()) or pass out=<a preallocated tensor>.") from None
+
+
+def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
+    if not path.endswith(".npy"):
+        raise ValueError(f"chunkjac: out={path!r} is a path but not to a .npy file; end it with .npy.")
+    if not spec.single:
+        raise ValueError("chunkjac: out='….npy' holds one Jacobian; with several wrt, dump each to its own file "
+                         "(one call per wrt), or pass out=<a tuple of tensors>.")
+    if spec.return_outputs:
+        raise ValueError("chunkjac: return_outputs=True with out='….npy': the outputs are not stored in the file, "
+                         "and a resumed dump does not recompute them. Compute them separately.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"chunkjac: cannot write {path}: the directory {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"chunkjac: cannot write {path}: the directory {folder} is not writable.")
+    (shape,) = result_shapes(spec, plan)
+    dtype = _numpy_dtype(plan.dtype)
+    fp = _manifest.fingerprint(spec, shape, plan.dtype)
+    m = _manifest.load(path)
+    if m is not None:
+        diff = _manifest.differences(m["fingerprint"], fp)
+        if diff:
+            raise _manifest.ManifestError(
+                f"chunkjac: {path} was written by a different call (its manifest differs in: {', '.join(diff)}). "
+                "Nothing was overwritten. Pass another out= path, or delete the file and its manifest "
+                f"{_manifest.manifest_path(path)} to start over.")
+        if not os.path.exists(path):
+            raise _manifest.ManifestError(
+                f"chunkjac: the manifest {_manifest.manifest_path(path)} exists but {path} does not; delete the "
+                "manifest to start the dump over.")
+        if resume:
+            array = np.lib.format.open_memmap(path, mode="r+")
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                raise _manifest.ManifestError(
+                    f"chunkjac: {path} holds {array.dtype} of shape {tuple(array.shape)}, but its manifest describes "
+                    f"{dtype} of shape {shape}; delete both files to start over.")
+            p = dataclasses.replace(plan, modes=tuple(m["plan"]["modes"]), rows_per_vjp=m["plan"]["rows_per_vjp"],
+                                    cols_per_jvp=m["plan"]["cols_per_jvp"],
+                                    chunk_size=max(b - a for a, b in m["chunks"]))
+            sink = NpySink(path, array, m, spec.batch_size)
+            done, total = len(m["done"]), len(m["chunks"])
+            if m["complete"] or done == total:
+                log.info("chunkjac: %s is complete (%d of %d chunks); nothing to do.", path, done, total)
+                return Output(sink, p, m["chunks"], frozenset(m["done"]), complete=True)
+            if done:
+                log.info("chunkjac: resuming %s: %d of %d chunks already done.", path, done, total)
+            return Output(sink, p, m["chunks"], frozenset(m["done"]))
+        log.info("chunkjac: resume=False: starting %s over.", path)
+    elif os.path.exists(path):
+        raise FileExistsError(
+            f"chunkjac: {path} exists and has no chunkjac manifest, so it was not written by a dump; chunkjac does "
+            "not overwrite it. Delete it or choose another out= path.")
+    return _create(spec, plan, path, shape, dtype, fp)
+
+
+def _create(spec: Spec, plan: Plan, path: str, shape, dtype, fp) -> Output:
+    nbytes = math.prod(shape) * dtype.itemsize
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if os.path.exists(path):
+        free += os.path.getsize(path)  # starting over: its blocks are reused
+    if nbytes + 65536 > free:
+        raise OSError(
+            f"chunkjac: {path} would take {format_bytes(nbytes)}, but {folder} has {format_bytes(free)} free. Free "
+            "disk space or write to another disk.")
+    mpath = _manifest.manifest_path(path)
+    if os.path.exists(mpath):
+        os.unlink(mpath)  # first: a crash from here on leaves no manifest claiming old rows
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        # Reserve every block now: a memory-mapped write to a full disk is a SIGBUS, not an error.
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        if os.path.exists(path):
+            os.unlink(path)
+        raise OSError(f"chunkjac: cannot create {path} ({format_bytes(nbytes)}): {e.strerror or e}.") from None
+    units = list(plan.chunks())
+    m = _manifest.new(fp, units, {"modes": list(plan.modes), "rows_per_vjp": plan.rows_per_vjp,
+                                  "cols_per_jvp": plan.cols_per_jvp, "strategy": plan.strategy})
+    _manifest.save(path, m)
+    return Output(NpySink(path, array, m, spec.batch_size), plan, units)

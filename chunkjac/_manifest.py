@@ -1,0 +1,149 @@
+"""The sidecar manifest of a dump to a ``.npy`` file: what produced it, and which chunks are on disk.
+
+# NOTE: [Resuming a dump]
+# ``compute(..., out="jac.npy")`` writes ``jac.npy.chunkjac.json`` next to the file: the chunk
+# boundaries and AD plan of the run (modes, rows/columns per product), a fingerprint of what
+# produced it, and the indices of the chunks whose data is on disk. A chunk is added only after
+# its rows are flushed (msync) to the file, and the manifest is replaced atomically (write a
+# temporary file, fsync, rename, fsync the directory), so after a crash at any instant the
+# manifest claims nothing that is not on disk. A resumed run reuses the boundaries and the plan,
+# so each chunk is computed exactly as an uninterrupted run would, and skips the chunks listed.
+# The fingerprint covers fn (its qualified name; a module's parameters and buffers, hashed), the
+# inputs (shapes, dtypes, batch dims, and a hash of 17 evenly spaced samples of each batched input
+# and of every shared tensor), the call (wrt, output, mode, coupling) and the result's shape and
+# dtype; a mismatch is refused with the fields that differ, and nothing is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _version
+from ._inputs import Source
+
+FORMAT = "chunkjac-manifest/1"
+SAMPLES_HASHED = 17
+
+
+class ManifestError(ValueError):
+    """A manifest that is corrupt, or written by a different call."""
+
+
+def manifest_path(path: str) -> str:
+    return path + ".chunkjac.json"
+
+
+def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
+    """What produced a dump (see [Resuming a dump]); JSON-serialisable, compared field by field."""
+    fn = spec.fn
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    fp: dict[str, Any] = {"fn": f"{module}.{name}"}
+    if isinstance(fn, nn.Module):
+        h = hashlib.sha256()
+        for k, v in fn.state_dict().items():
+            h.update(k.encode())
+            _hash_tensor(h, v)
+        fp["fn"] = f"{type(fn).__module__}.{type(fn).__qualname__}"
+        fp["parameters"] = h.hexdigest()[:32]
+        fp["training"] = [m.training for m in fn.modules()]
+    inputs = []
+    for a, d in zip(spec.args, spec.in_dims):
+        if isinstance(a, (torch.Tensor, Source)):
+            h = hashlib.sha256()
+            if d is None:
+                _hash_tensor(h, a)
+            else:
+                b = a.shape[d]
+                for i in sorted({round(k * (b - 1) / (SAMPLES_HASHED - 1)) for k in range(SAMPLES_HASHED)}):
+                    part = a.read(i, i + 1) if isinstance(a, Source) else a.narrow(d, i, 1)
+                    _hash_tensor(h, part)
+            inputs.append({"shape": list(a.shape), "dtype": str(a.dtype), "batch_dim": d,
+                           "content": h.hexdigest()[:32]})
+        else:
+            inputs.append({"value": repr(a)[:200]})
+    fp["inputs"] = inputs
+    fp["wrt"] = [t.label for t in spec.targets]
+    fp["output"] = repr(spec.output)
+    fp["mode"] = spec.mode
+    c = spec.coupling
+    fp["coupling"] = c if isinstance(c, str) else {
+        "kind": c.kind, "colours": None if c.colours is None else _digest(c.colours),
+        "bounds": None if c.bounds is None else _digest(torch.from_numpy(np.asarray(c.bounds)))}
+    fp["result"] = {"shape": list(shape), "dtype": str(dtype)}
+    return fp
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(str((tuple(t.shape), t.dtype)).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _digest(t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    _hash_tensor(h, t)
+    return h.hexdigest()[:32]
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """The top-level fields in which two fingerprints differ (chunkjac's version included)."""
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def load(path: str) -> dict | None:
+    """The manifest of the dump at ``path``, None if there is none; corrupt ones raise ManifestError."""
+    mp = manifest_path(path)
+    if not os.path.exists(mp):
+        return None
+    try:
+        with open(mp, encoding="utf-8") as f:
+            m = json.load(f)
+        assert m["format"] == FORMAT
+        chunks = [tuple(c) for c in m["chunks"]]
+        assert all(len(c) == 2 and 0 <= c[0] < c[1] for c in chunks)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(isinstance(i, int) and 0 <= i < len(chunks) for i in m["done"])
+        assert isinstance(m["fingerprint"], dict) and isinstance(m["plan"], dict)
+        m["chunks"] = chunks
+        m["done"] = set(m["done"])
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ManifestError(
+            f"chunkjac: the manifest {mp} is corrupt or not chunkjac's ({type(e).__name__}: {e}); it cannot say "
+            f"which rows of {path} are written. Delete both files to start the dump over.") from None
+    return m
+
+
+def save(path: str, m: dict) -> None:
+    """Replace the manifest atomically: a crash leaves the old manifest or the new one, never half."""
+    mp = manifest_path(path)
+    data = dict(m, done=sorted(m["done"]), chunks=[list(c) for c in m["chunks"]])
+    folder = os.path.dirname(os.path.abspath(mp))
+    fd, tmp = tempfile.mkstemp(prefix=".chunkjac-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, mp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def new(fp: dict, chunks: list[tuple[int, int]], plan: dict) -> dict:
+    return {"format": FORMAT, "chunkjac": _version.__version__, "fingerprint": fp, "chunks": list(chunks),
+            "plan": plan, "done": set(), "complete": False}
