@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import resource
 import sys
 import time
+import warnings
+
+import numpy as np
 
 import torch
 from torch import nn
 
-from . import __version__, compute, plan
+from . import CouplingWarning, __version__, compute, plan
 
 
 def pinn_mlp(width: int = 128, depth: int = 3, dim: int = 3) -> nn.Module:
@@ -40,16 +48,152 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _positive_int(s: str) -> int:
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
 
 
+class UsageError(Exception):
+    """A mistake on the command line: printed as one paragraph, exit status 2, no traceback."""
+
+
+def load_factory(ref: str):
+    """``package.module:callable`` or ``path/to/file.py:callable``, called with no arguments."""
+    where, sep, name = ref.rpartition(":")
+    if not sep or not where or not name:
+        raise UsageError(f"FACTORY must be 'package.module:callable' or 'path/to/file.py:callable', got {ref!r}.")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise UsageError(f"FACTORY {ref!r}: the file {where} does not exist.")
+        spec = importlib.util.spec_from_file_location(f"chunkjac_factory_{abs(hash(where))}", where)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's file failed: say where and why
+            raise UsageError(f"FACTORY {ref!r}: running {where} raised {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"FACTORY {ref!r}: cannot import {where} ({type(e).__name__}: {e}).") from None
+    factory = getattr(module, name, None)
+    if factory is None or not callable(factory):
+        raise UsageError(f"FACTORY {ref!r}: {where} has no callable named {name!r}.")
+    try:
+        fn = factory()
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"FACTORY {ref!r}: {name}() raised {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise UsageError(f"FACTORY {ref!r}: {name}() returned {type(fn).__name__}, not a model or function.")
+    return fn
+
+
+def _load_inputs(paths: list[str]) -> tuple:
+    arrays = []
+    for p in paths:
+        if not p.endswith(".npy"):
+            raise UsageError(f"input {p!r} is not a .npy file; save each positional input with numpy.save.")
+        if not os.path.isfile(p):
+            raise UsageError(f"input file {p} does not exist.")
+        try:
+            arrays.append(np.load(p, mmap_mode="r"))  # read chunk by chunk, never whole
+        except (ValueError, OSError) as e:
+            raise UsageError(f"input file {p} is not a readable .npy file ({e}).") from None
+    return tuple(arrays)
+
+
+def _key(s: str | None):
+    """--wrt/--output values: integers are indices, anything else a name or key."""
+    if s is None:
+        return None
+    return int(s) if s.lstrip("-").isdigit() else s
+
+
+def _call_options(args: argparse.Namespace) -> dict:
+    opts = dict(wrt=_key(args.wrt) if args.wrt is not None else 0, output=_key(args.output), mode=args.mode,
+                budget=args.budget, device=args.device, chunk_size=args.chunk_size, coupling=args.coupling)
+    if args.max_seconds is not None:
+        opts["max_seconds"] = args.max_seconds
+    return opts
+
+
+def _peak_memory(device) -> str:
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 1e6:,.0f} MB on {device} (torch.cuda.max_memory_allocated)"
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return f"{peak_kb / 1e3:,.0f} MB resident (peak RSS of this process)"
+
+
+def _plan_cmd(args: argparse.Namespace) -> int:
+    fn = load_factory(args.factory)
+    inputs = _load_inputs(args.inputs)
+    print(f"plan: {plan(fn, inputs, **_call_options(args))}")
+    return 0
+
+
+def _dump_cmd(args: argparse.Namespace) -> int:
+    paths = args.paths
+    if len(paths) < 2:
+        raise UsageError("dump needs at least one INPUTS .npy file and the OUT .npy file to write.")
+    *inputs_paths, out = paths
+    if not out.endswith(".npy"):
+        raise UsageError(f"OUT {out!r} must be a path ending in .npy (the file to write).")
+    fn = load_factory(args.factory)
+    inputs = _load_inputs(inputs_paths)
+    opts = _call_options(args)
+    p = plan(fn, inputs, **opts)
+    print(f"plan: {p}", flush=True)
+    before = _done_samples(out) if not args.no_resume else 0
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CouplingWarning)  # plan() above has shown it
+        J = compute(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, **opts)
+    dt = time.perf_counter() - t
+    ran = J.shape[0] - before
+    print(f"wrote: {out}  {tuple(J.shape)} {J.dtype}  (np.load({out!r}, mmap_mode='r'))")
+    done = f" ({before:,} were already on disk)" if before else ""
+    rate = f", {ran / dt:,.0f} samples/s" if ran else ""
+    print(f"time: {dt:.2f} s for {ran:,} samples{rate}{done}")
+    print(f"peak memory: {_peak_memory(args.device)}")
+    return 0
+
+
+def _done_samples(out: str) -> int:
+    from . import _manifest
+    try:
+        m = _manifest.load(out)
+    except _manifest.ManifestError:
+        return 0  # compute() reports it
+    return 0 if m is None else sum(b - a for i, (a, b) in enumerate(m["chunks"]) if i in m["done"])
+
+
+def _add_call_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("factory", metavar="FACTORY",
+                   help="package.module:callable or path/to/file.py:callable; called with no arguments, it "
+                        "returns the model or function")
+    p.add_argument("--budget", default=None, help="memory chunkjac may use on the compute device: 20GB, 512MiB, "
+                                                  "80%% (default: half of the free memory)")
+    p.add_argument("--wrt", default=None, help="input index (default 0) or parameter name to differentiate")
+    p.add_argument("--output", default=None, help="index or key of the output, when fn returns several")
+    p.add_argument("--mode", default="auto", choices=["auto", "reverse", "forward"], help="AD mode (default auto)")
+    p.add_argument("--coupling", default="auto", choices=["auto", "independent", "coupled", "unsplittable"],
+                   help="which samples interact (default auto: checked)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: where the model is)")
+    p.add_argument("--chunk-size", type=_positive_int, default=None, help="samples per chunk (default: planned)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="refuse coupled runs predicted to take longer (default 3600)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chunkjac",
-        description="Exact per-sample Jacobians of PyTorch models over very large batches.")
+        description="Exact per-sample Jacobians of PyTorch models over very large batches.",
+        epilog="Example: chunkjac dump model.py:make x.npy jac.npy --budget 2GB   (then kill it and run it again: "
+               "it resumes)")
     parser.add_argument("--version", action="version", version=f"chunkjac {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
@@ -58,11 +202,42 @@ def main(argv: list[str] | None = None) -> int:
                     "per-sample Jacobians of SAMPLES random points and prints shape, time and throughput.")
     demo.add_argument("--samples", type=_positive_int, default=1_000_000, help="number of points (default 1e6)")
     demo.set_defaults(run=_demo)
+    dump = sub.add_parser(
+        "dump", help="write the per-sample Jacobians of a dataset to a .npy file (resumable)",
+        usage="chunkjac dump FACTORY INPUTS [INPUTS ...] OUT [options]",
+        description="Computes J[i] = d fn(x)_i / d x_i for every sample of the INPUTS (.npy files, one per "
+                    "positional input of fn, read chunk by chunk) and writes them to OUT, a .npy file created at "
+                    "its final shape and filled chunk by chunk. A manifest next to it (OUT.chunkjac.json) records "
+                    "the finished chunks: run the same command again after a crash or a kill and it resumes; a "
+                    "finished dump is not redone. A dump written by a different model or inputs is refused.")
+    _add_call_options(dump)
+    dump.add_argument("paths", nargs="+", metavar="INPUTS... OUT", help="input .npy files, then the .npy to write")
+    dump.add_argument("--no-resume", action="store_true", help="start OUT over instead of resuming it")
+    dump.add_argument("--quiet", action="store_true", help="no progress bar")
+    dump.set_defaults(run=_dump_cmd)
+    pl = sub.add_parser("plan", help="print what dump would do, without computing",
+                        usage="chunkjac plan FACTORY INPUTS [INPUTS ...] [options]",
+                        description="Probes fn on a few samples and prints the plan: strategy, AD mode, chunks, "
+                                    "predicted peak memory and time.")
+    _add_call_options(pl)
+    pl.add_argument("inputs", nargs="+", metavar="INPUTS", help="input .npy files, one per positional input")
+    pl.set_defaults(run=_plan_cmd)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    return args.run(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(f"chunkjac: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, MemoryError, RuntimeError) as e:
+        # chunkjac's own errors say what to do; anything else (a bug) keeps its traceback.
+        if not str(e).startswith("chunkjac:"):
+            raise
+        print(str(e), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
     (shape,) = result_shapes(spec, plan)
     dtype = _numpy_dtype(plan.dtype)
     fp = _manifest.fingerprint(spec, shape, plan.dtype)
+    lock = _lock(path)
     m = _manifest.load(path)
     if m is not None:
         diff = _manifest.differences(m["fingerprint"], fp)
@@ -124,7 +125,7 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
             p = dataclasses.replace(plan, modes=tuple(m["plan"]["modes"]), rows_per_vjp=m["plan"]["rows_per_vjp"],
                                     cols_per_jvp=m["plan"]["cols_per_jvp"],
                                     chunk_size=max(b - a for a, b in m["chunks"]))
-            sink = NpySink(path, array, m, spec.batch_size)
+            sink = NpySink(path, array, m, spec.batch_size, lock)
             done, total = len(m["done"]), len(m["chunks"])
             if m["complete"] or done == total:
                 log.info("chunkjac: %s is complete (%d of %d chunks); nothing to do.", path, done, total)
@@ -137,10 +138,28 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
         raise FileExistsError(
             f"chunkjac: {path} exists and has no chunkjac manifest, so it was not written by a dump; chunkjac does "
             "not overwrite it. Delete it or choose another out= path.")
-    return _create(spec, plan, path, shape, dtype, fp)
+    return _create(spec, plan, path, shape, dtype, fp, lock)
 
 
-def _create(spec: Spec, plan: Plan, path: str, shape, dtype, fp) -> Output:
+def _lock(path: str):
+    """An exclusive lock on the dump (released when the process ends, however it ends): two
+    processes filling one file would each list chunks the other may be overwriting."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    f = open(path + ".chunkjac.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise BlockingIOError(
+            f"chunkjac: another process is writing {path} (it holds {path}.chunkjac.lock); wait for it to finish "
+            "or stop it, then run again to resume.") from None
+    return f
+
+
+def _create(spec: Spec, plan: Plan, path: str, shape, dtype, fp, lock) -> Output:
     nbytes = math.prod(shape) * dtype.itemsize
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
@@ -166,4 +185,4 @@ def _create(spec: Spec, plan: Plan, path: str, shape, dtype, fp) -> Output:
     m = _manifest.new(fp, units, {"modes": list(plan.modes), "rows_per_vjp": plan.rows_per_vjp,
                                   "cols_per_jvp": plan.cols_per_jvp, "strategy": plan.strategy})
     _manifest.save(path, m)
-    return Output(NpySink(path, array, m, spec.batch_size), plan, units)
+    return Output(NpySink(path, array, m, spec.batch_size, lock), plan, units)

@@ -1,6 +1,7 @@
 """Sinks: where finished chunks go: memory, tensors the caller allocated (out=), a .npy file."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -121,10 +122,13 @@ class NpySink(TensorSink):
     """Writes into a memory-mapped ``.npy`` file and keeps its manifest (see [Resuming a dump] in
     _manifest): a chunk is listed as done only after its rows are flushed to the file."""
 
-    def __init__(self, path: str, array, manifest: dict, batch_size: int):
+    COMMIT_SECONDS = 1.0  # list finished chunks at most this often: a crash recomputes at most ~1 s
+
+    def __init__(self, path: str, array, manifest: dict, batch_size: int, lock=None):
         super().__init__([torch.from_numpy(array)], batch_size, keep_outputs=False, device=torch.device("cpu"))
-        self.path, self.array, self.manifest = path, array, manifest
-        self.ready: list[int] = []  # chunks written, waiting for their copies to land
+        self.path, self.array, self.manifest, self.lock = path, array, manifest, lock
+        self.ready: list[int] = []  # chunks written, waiting for their copies to land or the next commit
+        self.last = time.monotonic()
 
     def write(self, start, stop, jacs, outputs) -> None:
         self.staging.drain()  # the previous chunk's rows have landed: list its unit as done
@@ -136,19 +140,30 @@ class NpySink(TensorSink):
         if not self.staging.pending:
             self._commit()
 
-    def _commit(self) -> None:
+    def _commit(self, force: bool = False) -> None:
         if not self.ready or self.staging.pending:
             return
+        if not force and time.monotonic() - self.last < self.COMMIT_SECONDS:
+            return  # an msync and an fsync per small chunk would cost more than the chunk
         from . import _manifest
         self.array.flush()  # msync: the rows are on disk before the manifest says so
         self.manifest["done"].update(self.ready)
+        try:
+            _manifest.save(self.path, self.manifest)
+        except OSError as e:
+            self.manifest["done"].difference_update(self.ready)
+            raise OSError(
+                f"chunkjac: cannot update the manifest of {self.path} ({e.strerror or e}); it still lists only the "
+                "chunks written before. Free disk space and run again: the dump resumes from there.") from None
         self.ready = []
-        _manifest.save(self.path, self.manifest)
+        self.last = time.monotonic()
 
     def jacobians(self) -> list[torch.Tensor]:
         from . import _manifest
         self.staging.drain()
-        self._commit()
+        self._commit(force=True)
         self.manifest["complete"] = len(self.manifest["done"]) == len(self.manifest["chunks"])
         _manifest.save(self.path, self.manifest)
+        if self.lock is not None:
+            self.lock.close()  # releases the flock
         return self.outs

@@ -307,7 +307,7 @@ def test_a_million_coupled_samples_is_refused_with_an_estimate():
     def mix(x):  # cheap, but every output depends on every input
         return x * torch.tanh(x.mean(0))
 
-    x = torch.randn(1_000_000, 1)
+    x = torch.randn(1_000_000, 3)
     p = chunkjac.plan(mix, x, coupling="coupled")
     text = str(p)
     assert p.too_long and p.extrapolated and "TOO LONG" in text and "coupling=<group ids>" in text
