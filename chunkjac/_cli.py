@@ -69,7 +69,8 @@ def load_factory(ref: str):
     if where.endswith(".py"):
         if not os.path.isfile(where):
             raise UsageError(f"FACTORY {ref!r}: the file {where} does not exist.")
-        spec = importlib.util.spec_from_file_location(f"chunkjac_factory_{abs(hash(where))}", where)
+        # Named after the file (not a per-process hash): the dump's fingerprint names fn's module.
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(where))[0], where)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
@@ -226,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("chunkjac")  # "resuming: ..." and "complete: nothing to do" go to stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    level, log.level = log.level, logging.INFO
     try:
         return args.run(args)
     except UsageError as e:
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(str(e), file=sys.stderr)
         return 2
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@
 # manifest claims nothing that is not on disk. A resumed run reuses the boundaries and the plan,
 # so each chunk is computed exactly as an uninterrupted run would, and skips the chunks listed.
 # The fingerprint covers fn (its qualified name; a module's parameters and buffers, hashed), the
-# inputs (shapes, dtypes, batch dims, and a hash of 17 evenly spaced samples of each batched input
-# and of every shared tensor), the call (wrt, output, mode, coupling) and the result's shape and
-# dtype; a mismatch is refused with the fields that differ, and nothing is written.
+# inputs (shapes, dtypes, batch dims; the values of in-memory tensors up to 1 GiB, hashed whole;
+# for larger ones, memmaps and Datasets a hash of 17 evenly spaced samples, and a memmap's file
+# size and mtime), the call (wrt, output, mode, coupling) and the result's shape and dtype; a
+# mismatch is refused with the fields that differ, and nothing is written. Not seen: a Dataset or
+# a > 1 GiB tensor changed only between the samples hashed.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ._inputs import Source
 
 FORMAT = "chunkjac-manifest/1"
 SAMPLES_HASHED = 17
+HASH_WHOLE_BYTES = 1 << 30  # in-memory inputs up to 1 GiB are hashed whole (sha256: ~1 s per GB)
 
 
 class ManifestError(ValueError):
@@ -58,15 +61,20 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
     for a, d in zip(spec.args, spec.in_dims):
         if isinstance(a, (torch.Tensor, Source)):
             h = hashlib.sha256()
-            if d is None:
-                _hash_tensor(h, a)
+            entry = {}
+            if isinstance(a, torch.Tensor) and (d is None or a.numel() * a.element_size() <= HASH_WHOLE_BYTES):
+                _hash_tensor(h, a)  # in memory and not huge: every value
             else:
                 b = a.shape[d]
                 for i in sorted({round(k * (b - 1) / (SAMPLES_HASHED - 1)) for k in range(SAMPLES_HASHED)}):
                     part = a.read(i, i + 1) if isinstance(a, Source) else a.narrow(d, i, 1)
                     _hash_tensor(h, part)
+                array = getattr(a, "_array", None)
+                if isinstance(array, np.memmap) and getattr(array, "filename", None):
+                    st = os.stat(array.filename)  # a rewritten file changes its size or mtime
+                    entry = {"file": os.path.abspath(array.filename), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             inputs.append({"shape": list(a.shape), "dtype": str(a.dtype), "batch_dim": d,
-                           "content": h.hexdigest()[:32]})
+                           "content": h.hexdigest()[:32], **entry})
         else:
             inputs.append({"value": repr(a)[:200]})
     fp["inputs"] = inputs

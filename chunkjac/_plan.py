@@ -292,7 +292,10 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
             m = cache.get(cand_key + ("time", n), spec.fn, lambda: measure_time(spec, plan, m, n))
             chunks = -(-spec.batch_size // n)
             timed.append((chunks * m.sec_const + spec.batch_size * m.sec_per_sample, plan, m, n))
-        seconds, plan, m, n = min(timed, key=lambda t: t[0])
+        # Candidates within TIE of the fastest are equal within the timing noise: take the first in
+        # candidate order, so that the same call gets the same plan (and bit-identical results).
+        best = min(t[0] for t in timed)
+        seconds, plan, m, n = next(t for t in timed if t[0] <= (1 + TIE) * best)
     else:  # one candidate, or a batch too small for timing to pay: the count rule's first choice
         (plan, m, n, _), seconds = fitted[0], None
     return dataclasses.replace(plan, chunk_size=n, peak_bytes=int(m.peak(n)), seconds=seconds,
@@ -319,15 +322,17 @@ def _round_up(nbytes: float) -> str:
 # A coupled chunk holds whole coupled sets and costs one forward plus ceil(P / k) batched products,
 # P = colours x rows (reverse) or colours x columns (forward), k pairs per call. Running a whole
 # chunk to measure it would be the work itself (3072 products for 1024 coupled samples of dim 3),
-# so the planner measures chunks cut short: the forward with 1 and 3 products of 1 pair, and of 2
+# so the planner measures chunks cut short: the forward with 1 and 5 products of 1 pair, and of 2
 # pairs (memory: a + b*k), then one product of the largest k that fits (up to KMAX) to see whether
 # vectorising pairs pays. It does not always: on a 2-core CPU, 1024-sample attention ran 0.44x as
 # fast with 16 pairs per call as with 1 (the (k, B, B) intermediates leave the caches), so k wins
 # only when it is cheaper per pair by VECTORISE_GAIN (single timings are noisy). Chunks of several
 # coupled sets (groups) are measured on up to PROBE_MAX samples and scaled linearly; one coupled
-# set larger than that is measured at 1,024 and 4,096 samples and extrapolated with the fitted
-# power of n (the plan says so).
+# set larger than that is measured at 1,024 and 4,096 samples and extrapolated with the power of n
+# fitted to the forward-and-one-product time (the plan says so): an order of magnitude, enough to
+# refuse 10^6 coupled samples, not a schedule.
 KMAX = 64
+TIE = 0.05  # predicted times this close count as equal (see make_plan)
 VECTORISE_GAIN = 0.8  # more pairs per call must be this much cheaper per pair (timings are noisy)
 PROBE_MAX = 4096
 EXTRAPOLATE_FROM = (1024, 4096)
@@ -394,17 +399,21 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
                 raise
     fits = {}
     for n in sizes:
-        (m1, t1), (_, t3), (m2, _) = step(n, 1, 1), step(n, 1, 3), step(n, min(2, colours_in(n) * width), 1)
-        t_call = max((t3 - t1) / 2, 1e-7)  # over two calls: half the noise of one difference
-        fits[n] = (m1, m2 - m1, t_call, max(t1 - t_call, 0.0))  # mem a+b, b, t per call, t forward
+        (m1, t1), (_, t5), (m2, _) = step(n, 1, 1), step(n, 1, 5), step(n, min(2, colours_in(n) * width), 1)
+        # Per call over four calls (a quarter of the noise of one difference), and at least a quarter
+        # of the forward plus one call: a backward product costs about as much as a forward, and a
+        # difference of short timings can come out near zero.
+        t_call = max((t5 - t1) / 4, t1 / 4, 1e-7)
+        fits[n] = (m1, m2 - m1, t_call, max(t1 - t_call, 0.0), t1)  # mem a+b, b, t per call, t forward, t1
     if extrapolated:
         (na, fa), (nb, fb) = list(fits.items())[0], list(fits.items())[-1]
         scale = [_power(na, nb, u, v) for u, v in zip(fa, fb)]
+        scale[2] = scale[3] = scale[4]  # times grow as the forward-and-one-call does (the robust timing)
         n = unit if chunk_size is None else max(chunk_size, unit)
         one_k, per_k, t_call, t_fwd = (fb[i] * (n / nb) ** scale[i] for i in range(4))
         n_chunk = coupling.stop(0, n)
     else:
-        one_k, per_k, t_call, t_fwd = fits[n0]
+        one_k, per_k, t_call, t_fwd, _ = fits[n0]
         n_chunk = n0
     per_k = max(per_k, 0.0)
     pairs = colours_in(n_chunk) * width if not extrapolated else coupling.num_colours * width
