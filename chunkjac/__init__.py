@@ -105,7 +105,9 @@ def compute(
         fn: a callable or ``nn.Module``; ``fn(*inputs)`` returns a tensor (B, *out) whose leading dim
             holds the samples, or a tuple/list/dict of outputs (then pick one with ``output``).
         inputs: one tensor (or numpy array), or a tuple of positional arguments. Numpy arrays are
-            converted; values that are not tensors are passed through unchanged.
+            converted (memmaps and read-only arrays are read chunk by chunk); a map-style Dataset
+            gives one positional input per position of its items; values that are not tensors are
+            passed through unchanged.
         wrt: what to differentiate with respect to: an input index (int, default 0), a parameter or
             buffer of ``fn`` (its name, or the ``nn.Parameter`` itself), or a tuple of those (then a
             tuple of Jacobians is returned, in the same order).

@@ -1,0 +1,92 @@
+"""Issue 5's acceptance run: dump 10^6 samples of the PINN MLP 3 -> 256 x 3 -> 3 with a budget far
+below the result, SIGKILL the dump in the middle, run the same command again, and compare the file
+with an uninterrupted dump of the same command, sample by sample.
+
+    python benchmarks/dump_resume.py [--samples 1000000] [--budget 8MB] [--kill-after 0.5] [--dir DIR]
+
+Prints each run's time and peak RSS (the dump's own summary), the chunks on disk at the kill, and
+whether the files are equal and every sample's block was written.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+FACTORY = '''
+import torch
+from torch import nn
+
+def pinn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                         nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))
+'''
+
+
+def dump(folder, out, budget, quiet=True):
+    return [sys.executable, "-m", "chunkjac", "dump", f"{folder}/model.py:pinn", f"{folder}/x.npy", out,
+            "--budget", budget] + (["--quiet"] if quiet else [])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--budget", default="8MB")
+    ap.add_argument("--kill-after", type=float, default=0.5, help="kill when this fraction of chunks is on disk")
+    ap.add_argument("--dir", default=None)
+    a = ap.parse_args()
+    folder = a.dir or tempfile.mkdtemp(prefix="chunkjac-resume-")
+    with open(os.path.join(folder, "model.py"), "w") as f:
+        f.write(FACTORY)
+    np.save(os.path.join(folder, "x.npy"),
+            np.random.default_rng(0).standard_normal((a.samples, 3)).astype(np.float32))
+    result_mb = a.samples * 9 * 4 / 1e6
+    print(f"folder: {folder}\nresult: ({a.samples:,}, 3, 3) float32 = {result_mb:,.0f} MB, budget {a.budget}")
+
+    ref = os.path.join(folder, "uninterrupted.npy")
+    t = time.perf_counter()
+    r = subprocess.run(dump(folder, ref, a.budget), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    print(f"\nuninterrupted dump: {time.perf_counter() - t:.1f} s wall\n{r.stdout.strip()}")
+
+    out = os.path.join(folder, "jac.npy")
+    manifest = out + ".chunkjac.json"
+    proc = subprocess.Popen(dump(folder, out, a.budget), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = total = 0
+    while proc.poll() is None:
+        try:
+            m = json.load(open(manifest))
+            done, total = len(m["done"]), len(m["chunks"])
+        except (OSError, ValueError):
+            pass
+        if total and done >= a.kill_after * total:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the dump finished before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    m = json.load(open(manifest))
+    print(f"\nSIGKILL: {len(m['done']):,} of {len(m['chunks']):,} chunks on disk, complete={m['complete']}")
+
+    t = time.perf_counter()
+    r = subprocess.run(dump(folder, out, a.budget), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    print(f"\nrerun of the same command: {time.perf_counter() - t:.1f} s wall\n"
+          f"{[l for l in r.stderr.splitlines() if 'resuming' in l]}\n{r.stdout.strip()}")
+    r = subprocess.run(dump(folder, out, a.budget), capture_output=True, text=True)
+    print(f"\nthird run: {[l for l in r.stderr.splitlines() if 'complete' in l]}")
+
+    x, y = np.load(out, mmap_mode="r"), np.load(ref, mmap_mode="r")
+    written = (np.abs(x).reshape(len(x), -1).sum(1) > 0).sum()
+    print(f"\nresumed file == uninterrupted file: {np.array_equal(x, y)}; samples with a written block: "
+          f"{written:,} of {len(x):,}")
+
+
+if __name__ == "__main__":
+    main()
