@@ -171,9 +171,13 @@ def compute(
         check_forward_mode(spec, p)
         return execute(spec, p, progress=progress)
     o = open_output(spec, p, out, resume)
-    if not o.complete:
-        check_forward_mode(spec, o.plan)
-    return execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
+    try:
+        if not o.complete:
+            check_forward_mode(spec, o.plan)
+        return execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
+    finally:
+        if hasattr(o.sink, "close"):
+            o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
 
 
 def plan(

@@ -146,9 +146,12 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     fn = load_factory(args.factory)
     inputs = _load_inputs(inputs_paths)
     opts = _call_options(args)
-    p = plan(fn, inputs, **opts)
-    print(f"plan: {p}", flush=True)
     before = _done_samples(out) if not args.no_resume else 0
+    p = plan(fn, inputs, **opts)
+    if before:
+        print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
+    else:
+        print(f"plan: {p}", flush=True)
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CouplingWarning)  # plan() above has shown it
@@ -237,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"chunkjac: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError, MemoryError, RuntimeError) as e:
-        # chunkjac's own errors say what to do; anything else (a bug) keeps its traceback.
-        if not str(e).startswith("chunkjac:"):
+    except Exception as e:  # noqa: BLE001
+        # chunkjac's errors say what to do. Anything else was most likely raised by fn on these
+        # inputs (a wrong width, a dtype it does not take): one paragraph too, unless asked.
+        if os.environ.get("CHUNKJAC_TRACEBACK"):
             raise
-        print(str(e), file=sys.stderr)
+        text = str(e) if str(e).startswith("chunkjac:") else (
+            f"chunkjac: error: {type(e).__name__}: {e}\n(raised while running fn on the inputs; set "
+            "CHUNKJAC_TRACEBACK=1 for the traceback)")
+        print(text, file=sys.stderr)
         return 2
     finally:
         log.removeHandler(handler)

@@ -104,6 +104,15 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
     dtype = _numpy_dtype(plan.dtype)
     fp = _manifest.fingerprint(spec, shape, plan.dtype)
     lock = _lock(path)
+    try:
+        return _open_locked(spec, plan, path, resume, shape, dtype, fp, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _open_locked(spec: Spec, plan: Plan, path: str, resume: bool, shape, dtype, fp, lock) -> Output:
     m = _manifest.load(path)
     if m is not None:
         diff = _manifest.differences(m["fingerprint"], fp)
@@ -117,7 +126,12 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
                 f"chunkjac: the manifest {_manifest.manifest_path(path)} exists but {path} does not; delete the "
                 "manifest to start the dump over.")
         if resume:
-            array = np.lib.format.open_memmap(path, mode="r+")
+            try:
+                array = np.lib.format.open_memmap(path, mode="r+")
+            except (ValueError, OSError) as e:
+                raise _manifest.ManifestError(
+                    f"chunkjac: {path} cannot be opened as a .npy file ({e}), though its manifest lists written "
+                    "chunks; delete both files to start over.") from None
             if tuple(array.shape) != shape or array.dtype != dtype:
                 raise _manifest.ManifestError(
                     f"chunkjac: {path} holds {array.dtype} of shape {tuple(array.shape)}, but its manifest describes "
@@ -175,8 +189,9 @@ def _create(spec: Spec, plan: Plan, path: str, shape, dtype, fp, lock) -> Output
     try:
         array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         # Reserve every block now: a memory-mapped write to a full disk is a SIGBUS, not an error.
-        with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        if hasattr(os, "posix_fallocate"):  # (not on macOS or Windows: the free-space check above only)
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
     except OSError as e:
         if os.path.exists(path):
             os.unlink(path)

@@ -22,6 +22,8 @@ def describe(v) -> str:
     """A value as error messages show it: a tensor by dtype and shape, a scalar by its repr."""
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    if type(v).__name__ == "Source":  # an input read chunk by chunk (see _inputs)
+        return f"{v.label}, {v.dtype} of shape {tuple(v.shape)}"
     return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, type(None))) else type(v).__name__
 
 

@@ -8,17 +8,20 @@
 # temporary file, fsync, rename, fsync the directory), so after a crash at any instant the
 # manifest claims nothing that is not on disk. A resumed run reuses the boundaries and the plan,
 # so each chunk is computed exactly as an uninterrupted run would, and skips the chunks listed.
-# The fingerprint covers fn (its qualified name; a module's parameters and buffers, hashed), the
-# inputs (shapes, dtypes, batch dims; the values of in-memory tensors up to 1 GiB, hashed whole;
-# for larger ones, memmaps and Datasets a hash of 17 evenly spaced samples, and a memmap's file
-# size and mtime), the call (wrt, output, mode, coupling) and the result's shape and dtype; a
+# The fingerprint covers chunkjac's version, fn (its qualified name; the parameters, buffers and
+# tensors of the modules it is or reaches through closures, defaults, partials and globals), the
+# inputs (shapes, dtypes, batch dims; the values of tensors and arrays up to 1 GiB, hashed whole;
+# for larger ones and Datasets a hash of 17 evenly spaced samples; a memmap's file size and
+# mtime), the call (wrt, output, mode, coupling) and the result's shape and dtype; a
 # mismatch is refused with the fields that differ, and nothing is written. Not seen: a Dataset or
 # a > 1 GiB tensor changed only between the samples hashed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 from typing import Any
@@ -46,37 +49,46 @@ def manifest_path(path: str) -> str:
 def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
     """What produced a dump (see [Resuming a dump]); JSON-serialisable, compared field by field."""
     fn = spec.fn
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    module = getattr(fn, "__module__", None) or type(fn).__module__
-    fp: dict[str, Any] = {"fn": f"{module}.{name}"}
+    owner = fn if isinstance(fn, nn.Module) else type(fn) if not hasattr(fn, "__qualname__") else fn
+    fp: dict[str, Any] = {"chunkjac": _version.__version__,
+                          "fn": f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', type(fn).__qualname__)}"}
     if isinstance(fn, nn.Module):
-        h = hashlib.sha256()
-        for k, v in fn.state_dict().items():
-            h.update(k.encode())
-            _hash_tensor(h, v)
         fp["fn"] = f"{type(fn).__module__}.{type(fn).__qualname__}"
-        fp["parameters"] = h.hexdigest()[:32]
-        fp["training"] = [m.training for m in fn.modules()]
+    h = hashlib.sha256()
+    for name, value in _reachable_state(fn):
+        h.update(name.encode())
+        if isinstance(value, nn.Module):
+            for k, v in value.state_dict().items():
+                h.update(k.encode())
+                _hash_tensor(h, v)
+            h.update(str([m.training for m in value.modules()]).encode())
+        else:
+            _hash_tensor(h, value)
+    fp["state"] = h.hexdigest()[:32]  # parameters, buffers and tensors fn holds or reaches
     inputs = []
     for a, d in zip(spec.args, spec.in_dims):
         if isinstance(a, (torch.Tensor, Source)):
             h = hashlib.sha256()
             entry = {}
-            if isinstance(a, torch.Tensor) and (d is None or a.numel() * a.element_size() <= HASH_WHOLE_BYTES):
+            array = getattr(a, "_array", None)
+            whole = math.prod(a.shape) * a.dtype.itemsize <= HASH_WHOLE_BYTES
+            if isinstance(a, torch.Tensor) and (d is None or whole):
                 _hash_tensor(h, a)  # in memory and not huge: every value
+            elif array is not None and whole:
+                _hash_tensor(h, a.read_all())  # an array or memmap up to 1 GiB: every value
             else:
                 b = a.shape[d]
                 for i in sorted({round(k * (b - 1) / (SAMPLES_HASHED - 1)) for k in range(SAMPLES_HASHED)}):
                     part = a.read(i, i + 1) if isinstance(a, Source) else a.narrow(d, i, 1)
                     _hash_tensor(h, part)
-                array = getattr(a, "_array", None)
-                if isinstance(array, np.memmap) and getattr(array, "filename", None):
-                    st = os.stat(array.filename)  # a rewritten file changes its size or mtime
-                    entry = {"file": os.path.abspath(array.filename), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if isinstance(array, np.memmap) and getattr(array, "filename", None):
+                st = os.stat(array.filename)  # a rewritten file changes its size or mtime
+                entry = {"file": os.path.abspath(array.filename), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             inputs.append({"shape": list(a.shape), "dtype": str(a.dtype), "batch_dim": d,
                            "content": h.hexdigest()[:32], **entry})
         else:
-            inputs.append({"value": repr(a)[:200]})
+            simple = isinstance(a, (bool, int, float, str, type(None)))
+            inputs.append({"value": repr(a)[:200] if simple else type(a).__qualname__})
     fp["inputs"] = inputs
     fp["wrt"] = [t.label for t in spec.targets]
     fp["output"] = repr(spec.output)
@@ -89,10 +101,60 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
     return fp
 
 
+def _reachable_state(fn, depth: int = 3):
+    """(name, module or tensor) that fn holds or reaches: fn itself if a module; for functions, the
+    modules and tensors in its closure, defaults, bound ``self``, ``functools.partial`` arguments and
+    the globals it names (``lambda x: model(x).float()`` reaches ``model``); nested functions to
+    ``depth``. A resumed dump whose model changed behind a closure is refused like any other."""
+    seen: set[int] = set()
+    found: list = []
+
+    def visit(obj, name: str, d: int) -> None:
+        if id(obj) in seen or d < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (nn.Module, torch.Tensor)):
+            found.append((name, obj))
+            return
+        if isinstance(obj, functools.partial):
+            visit(obj.func, name + ".func", d - 1)
+            for k, v in enumerate(obj.args):
+                visit(v, f"{name}.args[{k}]", d - 1)
+            for k, v in obj.keywords.items():
+                visit(v, f"{name}.{k}", d - 1)
+            return
+        if isinstance(obj, (list, tuple)):
+            for k, v in enumerate(obj[:64]):
+                visit(v, f"{name}[{k}]", d - 1)
+            return
+        if isinstance(obj, dict):
+            for k, v in list(obj.items())[:64]:
+                visit(v, f"{name}[{k!r}]", d - 1)
+            return
+        if hasattr(obj, "__self__") and not isinstance(obj.__self__, type(functools)):
+            visit(obj.__self__, name + ".__self__", d - 1)
+        code = getattr(obj, "__code__", None)
+        if code is not None:
+            for cell, var in zip(getattr(obj, "__closure__", None) or (), code.co_freevars):
+                try:
+                    visit(cell.cell_contents, f"{name}.{var}", d - 1)
+                except ValueError:  # an empty cell
+                    pass
+            for k, v in enumerate(getattr(obj, "__defaults__", None) or ()):
+                visit(v, f"{name}.defaults[{k}]", d - 1)
+            g = getattr(obj, "__globals__", {})
+            for var in code.co_names:
+                if var in g:
+                    visit(g[var], f"{name}.{var}", d - 1)
+
+    visit(fn, "fn", depth)
+    return found
+
+
 def _hash_tensor(h, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(str((tuple(t.shape), t.dtype)).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -102,7 +164,7 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def differences(a: dict, b: dict) -> list[str]:
-    """The top-level fields in which two fingerprints differ (chunkjac's version included)."""
+    """The top-level fields in which two fingerprints differ (chunkjac's version is one of them)."""
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -116,10 +178,14 @@ def load(path: str) -> dict | None:
             m = json.load(f)
         assert m["format"] == FORMAT
         chunks = [tuple(c) for c in m["chunks"]]
+        assert chunks and chunks[0][0] == 0, "no chunks, or not from sample 0"
+        assert chunks[-1][1] == m["fingerprint"]["result"]["shape"][0], "chunks do not cover the batch"
         assert all(len(c) == 2 and 0 <= c[0] < c[1] for c in chunks)
-        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), "chunks leave gaps"
         assert all(isinstance(i, int) and 0 <= i < len(chunks) for i in m["done"])
-        assert isinstance(m["fingerprint"], dict) and isinstance(m["plan"], dict)
+        assert isinstance(m["complete"], bool)
+        p = m["plan"]
+        assert isinstance(p["modes"], list) and isinstance(p["rows_per_vjp"], int) and isinstance(p["cols_per_jvp"], int)
         m["chunks"] = chunks
         m["done"] = set(m["done"])
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
@@ -136,6 +202,7 @@ def save(path: str, m: dict) -> None:
     folder = os.path.dirname(os.path.abspath(mp))
     fd, tmp = tempfile.mkstemp(prefix=".chunkjac-", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the .npy next to it is not
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
             f.flush()

@@ -78,11 +78,12 @@ class _Staging:
         self.pending: list = []
         self.buffers: dict = {}
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, k: int = 0) -> None:
+        """Copy ``src`` into ``dst``; ``k`` numbers the outputs of one write (each its own buffer)."""
         if src.device.type != "cuda" or dst.device.type != "cpu":
             dst.copy_(src)
             return
-        key = (tuple(src.shape), dst.dtype, len(self.pending) % 2)
+        key = (tuple(src.shape), dst.dtype, k)  # pending copies are drained before the next write
         stage = self.buffers.get(key)
         if stage is None:
             stage = self.buffers[key] = torch.empty(src.shape, dtype=dst.dtype, pin_memory=True)
@@ -110,8 +111,8 @@ class TensorSink(MemorySink):
         self.staging.drain()
         if self.keep_outputs:
             self._outputs.append(tree_map(lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v, outputs))
-        for dst, j in zip(self.outs, jacs):
-            self.staging.copy(dst[start:stop], j.detach())
+        for k, (dst, j) in enumerate(zip(self.outs, jacs)):
+            self.staging.copy(dst[start:stop], j.detach(), k)
 
     def jacobians(self) -> list[torch.Tensor]:
         self.staging.drain()
@@ -163,7 +164,17 @@ class NpySink(TensorSink):
         self.staging.drain()
         self._commit(force=True)
         self.manifest["complete"] = len(self.manifest["done"]) == len(self.manifest["chunks"])
-        _manifest.save(self.path, self.manifest)
-        if self.lock is not None:
-            self.lock.close()  # releases the flock
+        try:
+            _manifest.save(self.path, self.manifest)
+        except OSError as e:
+            raise OSError(f"chunkjac: every chunk of {self.path} is written, but its manifest cannot say so "
+                          f"({e.strerror or e}); run again to mark it complete.") from None
+        finally:
+            self.close()
         return self.outs
+
+    def close(self) -> None:
+        """Release the dump's lock (the file stays mapped: the returned tensor shares its memory)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None

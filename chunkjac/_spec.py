@@ -118,6 +118,9 @@ def _resolve_device(device, fn, home: torch.device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"chunkjac: device={device!r} is not a device; use e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"chunkjac: device={str(device)!r}, but this PyTorch build sees no CUDA device; "
+                         "use device='cpu' or leave device=None.")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if params and params[0] != device:

@@ -154,7 +154,7 @@ def test_a_different_call_is_refused_and_nothing_is_overwritten(tmp_path, x, cha
         with pytest.raises(ValueError, match="differs in: result, wrt"):
             chunkjac.compute(f, x, wrt="0.bias", out=path, chunk_size=500)
     else:
-        with pytest.raises(ValueError, match=f"its manifest differs in: .*{change if change != 'model' else 'parameters'}"):
+        with pytest.raises(ValueError, match=f"its manifest differs in: .*{change if change != 'model' else 'state'}"):
             chunkjac.compute(g, y, out=path, chunk_size=500, **kw)
     assert open(path, "rb").read() == data and open(path + ".chunkjac.json").read() == manifest
 
@@ -433,3 +433,71 @@ def test_kill_and_resume_in_a_subprocess(workdir):
     a, b = np.load(out), np.load(ref)
     np.testing.assert_array_equal(a, b)
     assert (np.abs(a).reshape(len(a), -1).sum(1) > 0).all()  # every sample's block was written
+
+
+# Found in review --------------------------------------------------------------------------------------
+
+def test_a_model_with_batchnorm_dumps_and_resumes(tmp_path, x):
+    """0-d buffers (num_batches_tracked) are part of the fingerprint too."""
+    f = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    path = str(tmp_path / "bn.npy")
+    j = chunkjac.compute(f, x, out=path, chunk_size=500)
+    torch.testing.assert_close(j, chunkjac.compute(f, x), **CLOSE)
+    chunkjac.compute(f, x, out=path, chunk_size=500)
+
+
+def test_a_model_changed_behind_a_closure_is_refused(tmp_path, x):
+    model = mlp()
+    f = lambda v: model(v).double()  # noqa: E731 - the model is reached through a closure
+    path = str(tmp_path / "jac.npy")
+    chunkjac.compute(f, x, out=path, chunk_size=500)
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1e-3
+    with pytest.raises(ValueError, match="differs in: state"):
+        chunkjac.compute(f, x, out=path, chunk_size=500)
+
+
+def test_a_failed_dump_releases_its_lock_in_the_same_process(tmp_path, x):
+    path = str(tmp_path / "jac.npy")
+    calls = [0]
+
+    def f(v):
+        calls[0] += 1
+        if v.shape[0] == 500 and calls[0] > 3:
+            raise KeyboardInterrupt
+        return torch.sin(v)
+    with pytest.raises(KeyboardInterrupt) as info:
+        chunkjac.compute(f, x, out=path, chunk_size=500, coupling="independent", mode="reverse")
+    calls[0] = -10**9
+    j = chunkjac.compute(f, x, out=path, chunk_size=500, coupling="independent", mode="reverse")  # not "another process"
+    torch.testing.assert_close(j, chunkjac.compute(torch.sin, x), **CLOSE)
+    del info
+
+
+@pytest.mark.parametrize("damage", ["no chunks", "no plan", "truncated npy"])
+def test_damaged_manifest_or_file_is_refused(tmp_path, x, damage):
+    f, path = mlp(), str(tmp_path / "jac.npy")
+    chunkjac.compute(f, x, out=path, chunk_size=500)
+    mp = path + ".chunkjac.json"
+    m = json.load(open(mp))
+    if damage == "no chunks":
+        m["chunks"], m["done"] = [], []
+    elif damage == "no plan":
+        del m["plan"]["modes"]
+    m["complete"] = False
+    json.dump(m, open(mp, "w"))
+    if damage == "truncated npy":
+        with open(path, "r+b") as fh:
+            fh.truncate(20)
+    with pytest.raises(ValueError, match="(?i)delete both files"):
+        chunkjac.compute(f, x, out=path, chunk_size=500)
+
+
+def test_cli_fn_failing_on_the_inputs_and_a_missing_gpu_exit_2(workdir, capsys):
+    np.save(workdir / "x4.npy", np.zeros((100, 4), dtype=np.float32))
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x4.npy"), str(workdir / "j.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(["plan", f"{workdir}/model.py:make", str(workdir / "x.npy"), "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
