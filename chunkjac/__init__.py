@@ -9,10 +9,12 @@ from typing import Any, Callable
 import dataclasses
 import warnings
 
+import torch
+
 from ._budget import parse_budget
 from ._check import check_forward_mode
 from ._coupling import Coupling, coupled, independent, unsplittable
-from ._detect import check as check_coupling
+from ._detect import check as check_coupling, state_key
 from ._dump import check_fits_in_memory, open_output
 from ._errors import BudgetError, CouplingWarning, TooLongError
 from ._executor import execute
@@ -36,7 +38,9 @@ def _resolve_coupling(spec: Spec) -> Coupling:
     """coupling="auto": run the check (see _detect), cached with the probe; warn when samples interact."""
     if spec.coupling != "auto":
         return spec.coupling
-    key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size)
+    # The check's answer depends on values, not only on shapes: re-run it when anything fn holds or
+    # is given changes (see state_key).
+    key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size, state_key(spec))
     found = probe_cache.get(key, spec.fn, lambda: check_coupling(spec))
     b = spec.batch_size
     if found.derivatives:
@@ -54,6 +58,23 @@ def _resolve_coupling(spec: Spec) -> Coupling:
             "as one chunk. coupling='unsplittable' silences this."), stacklevel=4)
         return unsplittable(b, found.reason)
     return independent(b, found.reason)
+
+
+def _versions(inputs) -> list:
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    # (Inference tensors have no version counter, and fn cannot write to them outside inference mode.)
+    return [(k, a, a._version) for k, a in enumerate(args) if isinstance(a, torch.Tensor) and not a.is_inference()]
+
+
+def _check_unmodified(inputs, versions) -> None:
+    """chunkjac runs fn on views of the inputs (no copy): an in-place write there (under no_grad,
+    where autograd does not stop it) changes the caller's tensor and every later chunk's input."""
+    for k, a, v in versions:
+        if a._version != v:
+            raise RuntimeError(
+                f"chunkjac: fn modified input {k} in place (its version counter moved from {v} to {a._version}), "
+                "so the caller's tensor has changed and the Jacobians are not those of the inputs you passed. "
+                "Write fn without in-place operations on its inputs (x = x / 2, not x /= 2), or clone inside fn.")
 
 
 def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
@@ -162,19 +183,25 @@ def compute(
         >>> chunkjac.compute(f, torch.randn(3, 5)).shape
         torch.Size([3, 10, 5])
     """
+    versions = _versions(inputs)
     spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
                        device, chunk_size, max_seconds)
+    _check_unmodified(inputs, versions)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
     if out is None:
         check_fits_in_memory(spec, p)
         check_forward_mode(spec, p)
-        return execute(spec, p, progress=progress)
+        result = execute(spec, p, progress=progress)
+        _check_unmodified(inputs, versions)
+        return result
     o = open_output(spec, p, out, resume)
     try:
         if not o.complete:
             check_forward_mode(spec, o.plan)
-        return execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
+        result = execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
+        _check_unmodified(inputs, versions)
+        return result
     finally:
         if hasattr(o.sink, "close"):
             o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
@@ -199,5 +226,8 @@ def plan(
 ) -> Plan:
     """The :class:`Plan` ``compute`` would carry out with the same arguments, without computing any
     Jacobian (it probes fn on a few small chunks). ``print(plan)`` gives a one-line report."""
-    return _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                    device, chunk_size, max_seconds)[1]
+    versions = _versions(inputs)
+    p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
+                 device, chunk_size, max_seconds)[1]
+    _check_unmodified(inputs, versions)
+    return p

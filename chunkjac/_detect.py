@@ -10,28 +10,36 @@
 #     (for almost every u). A dependency through the wrt inputs means coupled derivatives; through
 #     another batched input (keys/values, a mask made of floats) it means that chunks would change
 #     the answer, even though the derivatives w.r.t. wrt are per-sample.
-#  2. Values. fn on the two halves [0, M/2) and [M/2, M) alone must give the same outputs (every
-#     tensor output that carries the batch) as on all M samples: this is exactly what a chunk boundary
-#     does, and it catches couplings through inputs that cannot be differentiated (integer indices)
-#     and batch statistics (BatchNorm in training mode). Skipped when fn draws random numbers (the
-#     global RNG advanced during the forward), since two runs would not draw the same numbers.
+#  2. Values. fn on parts of the M samples alone must give the same outputs (every tensor output
+#     that carries the batch) as on all M: the two halves, and parts of 1, 1, 2, 4, ..., M/2 samples
+#     (single samples, odd and even sizes, boundaries off the middle: a chunk can end anywhere).
+#     This is exactly what a chunk boundary does, and it catches couplings through inputs that
+#     cannot be differentiated (integer indices, detached values, lengths / lengths.max()), batch
+#     statistics (BatchNorm in training mode) and functions of the batch size. fn runs under
+#     autograd with the wrt inputs requiring grad, as in the strategies, so that a branch on
+#     torch.is_grad_enabled() or x.requires_grad goes the same way. Skipped when fn draws random
+#     numbers (the global RNG advanced during the forward), since two runs would not draw the same.
 # Differences count only above a dtype-dependent relative tolerance (float64 1e-9, float32 1e-5 of
 # the largest gradient or output), so rounding (a different BLAS blocking for another batch size,
-# x - mean(x) + mean(x)) is not mistaken for coupling. Cost: 3 forwards of at most 64 samples and one
-# batched VJP of 1 + log2(64) = 7 rows; cached with the probe. Not seen: a coupling that exists only
-# between samples beyond the first 64 and not among them, or below the tolerance.
+# x - mean(x) + mean(x)) is not mistaken for coupling. Cost: 11 forwards of at most 64 samples and
+# one batched VJP of 1 + log2(64) = 7 rows; cached with the probe while fn's modules, their tensors
+# (in-place versions) and the inputs stay the same objects (state_key). Not seen: a coupling that
+# exists only between samples beyond the first 64 and not among them, or below the tolerance, or
+# that depends on plain Python attributes changed between calls on the same tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._coupling import log2_ceil
 from ._errors import is_out_of_memory
 from ._function import call, chunk_args, select
 from ._probe import preserved_buffers
+from ._inputs import Source
 from ._spec import Spec
 
 CHECK_SAMPLES = 64
@@ -71,8 +79,45 @@ def check(spec: Spec) -> Finding:
     return Finding(False, True, "no interaction found" + (" (fn is random: values not compared)" if random else ""))
 
 
-def _tol(dtype: torch.dtype) -> float:
-    return RTOL.get(dtype, 1e-5)
+def state_key(spec: Spec) -> tuple:
+    """What the check's answer may depend on besides shapes: the train/eval flags of every module fn
+    is or reaches (closures, globals, partials), the identity and in-place version of every tensor
+    among those modules' parameters and buffers and among the inputs. An optimizer step, model.train(),
+    new inputs or an in-place edit re-run the check; repeated calls on the same state do not."""
+    from ._manifest import _reachable_state
+    parts = []
+    for name, v in _reachable_state(spec.fn):
+        if isinstance(v, nn.Module):
+            parts.append((name, tuple(m.training for m in v.modules()),
+                          tuple((id(t), t._version if not t.is_inference() else 0)
+                                for t in v.state_dict(keep_vars=True).values())))
+        else:
+            parts.append((name, id(v), v._version if not v.is_inference() else 0))
+    for a in spec.args:
+        if isinstance(a, torch.Tensor):
+            parts.append((id(a), a._version if not a.is_inference() else 0))
+        elif isinstance(a, Source):
+            parts.append(id(a))
+        elif not isinstance(a, (bool, int, float, str, type(None))):
+            parts.append(id(a))
+    return tuple(parts)
+
+
+def _tol(spec: Spec, dtype: torch.dtype) -> float:
+    """The tolerance of the loosest precision in play: a float32 model whose output is cast to float64
+    rounds like float32 (a single sample takes another BLAS path than 64 of them)."""
+    dtypes = {dtype} | {a.dtype for a in spec.args if isinstance(a, (torch.Tensor, Source)) and a.dtype.is_floating_point}
+    if isinstance(spec.fn, nn.Module):
+        dtypes |= {p.dtype for p in spec.fn.parameters() if p.is_floating_point()}
+    for _, v in _reachable(spec):
+        tensors = v.parameters() if isinstance(v, nn.Module) else [v]
+        dtypes |= {t.dtype for t in tensors if t.is_floating_point()}
+    return max(RTOL.get(d, 1e-5) for d in dtypes)
+
+
+def _reachable(spec: Spec):
+    from ._manifest import _reachable_state
+    return _reachable_state(spec.fn)
 
 
 def _rng_state(device: torch.device):
@@ -119,7 +164,7 @@ def _derivatives(spec: Spec, m: int) -> tuple[str, str, bool]:
         off_a = (parts * (~inside)[..., None]).abs().amax(dim=(0, 2))
         off_b = ((full[None] - parts) * inside[..., None]).abs().amax(dim=(0, 2))
         off = torch.maximum(off_a, off_b)
-        if scale > 0 and off.max().item() > _tol(y.dtype) * scale:
+        if scale > 0 and off.max().item() > _tol(spec, y.dtype) * scale:
             j = int(off.argmax())
             found[i] = (j, off.max().item() / scale)
     deriv = through = ""
@@ -135,39 +180,71 @@ def _derivatives(spec: Spec, m: int) -> tuple[str, str, bool]:
 
 def _values(spec: Spec, m: int) -> str:
     h = m // 2
-    with torch.no_grad():
-        whole = call(spec, chunk_args(spec, 0, m))
+    splits = [(0, h), (h, m)] + _uneven(m)
+
+    def run(a: int, b: int):
+        # Under autograd, the wrt inputs requiring grad, as the strategies run fn: a branch on
+        # torch.is_grad_enabled() or x.requires_grad takes the same way here.
+        args = chunk_args(spec, a, b)
+        for t in spec.targets:
+            if t.batched and args[t.index].is_floating_point():
+                args[t.index] = args[t.index].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = call(spec, args)
+        return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+
+    whole = run(0, m)
+    parts = []
+    for a, b in splits:
         try:
-            parts = [call(spec, chunk_args(spec, a, b)) for a, b in ((0, h), (h, m))]
+            parts.append(((a, b), run(a, b)))
         except Exception as e:  # noqa: BLE001 - any failure on a part means chunks cannot run
-            return f"fn fails on a part of the batch ({h} of {m} samples): {type(e).__name__}: {e}"
+            return f"fn fails on a part of the batch ({b - a} of {m} samples): {type(e).__name__}: {e}"
+    for (a, b), part in parts:
+        found = _compare(spec, whole, part, a, b, m)
+        if found:
+            return found
+    return ""
+
+
+def _uneven(m: int) -> list[tuple[int, int]]:
+    """Parts of 1, 1, 2, 4, ... samples covering [0, m): odd and even sizes, single samples, and
+    boundaries other than the middle (a chunk can end anywhere)."""
+    cuts, size, a = [], 1, 0
+    while a < m:
+        b = min(a + size, m)
+        cuts.append((a, b))
+        a, size = b, size if not cuts[1:] else size * 2
+    return cuts
+
+
+def _compare(spec: Spec, whole, part, a: int, b: int, m: int) -> str:
+    """Where fn on samples [a, b) alone differs from the same samples inside the whole m."""
     leaves = [v for v in tree_leaves(whole) if isinstance(v, torch.Tensor)]
-    split = [[v for v in tree_leaves(p) if isinstance(v, torch.Tensor)] for p in parts]
-    if any(len(s) != len(leaves) for s in split):
+    got = [v for v in tree_leaves(part) if isinstance(v, torch.Tensor)]
+    if len(got) != len(leaves):
         return "fn returns a different number of tensors for a part of the batch"
-    for k, w in enumerate(leaves):
-        a, b = split[0][k], split[1][k]
-        if not (w.dim() and a.dim() and b.dim() and w.shape[0] == m and a.shape[0] == h and b.shape[0] == m - h):
+    n = b - a
+    for k, (w, p) in enumerate(zip(leaves, got)):
+        if not (w.dim() and p.dim() and w.shape[0] == m and p.shape[0] == n):
             continue  # not a per-sample output: chunks are refused for those elsewhere
-        if w.shape[1:] != a.shape[1:] or w.shape[1:] != b.shape[1:]:
+        if w.shape[1:] != p.shape[1:]:
             return f"fn's output {k} changes its per-sample shape with the number of samples"
+        w = w[a:b]
         if not w.is_floating_point():
-            if not torch.equal(torch.cat([a, b]), w):
-                return f"fn's output {k} changes when a part of the batch is run alone"
+            if not torch.equal(p, w):
+                return f"fn's output {k} changes when samples [{a}, {b}) are run without the others"
             continue
-        joined = torch.cat([a, b]).to(torch.float64)
-        w = w.to(torch.float64)
-        finite = w.isfinite() & joined.isfinite()
-        if not torch.equal(w.isfinite(), joined.isfinite()) or not torch.equal(w[~finite], joined[~finite]) \
-                and not (w[~finite].isnan() & joined[~finite].isnan()).all():
-            return f"fn's output {k} changes (non-finite values) when a part of the batch is run alone"
+        p64, w64 = p.to(torch.float64), w.to(torch.float64)
+        finite = w64.isfinite() & p64.isfinite()
+        if not torch.equal(w64.isfinite(), p64.isfinite()) or not torch.equal(w64[~finite], p64[~finite]) \
+                and not (w64[~finite].isnan() & p64[~finite].isnan()).all():
+            return f"fn's output {k} changes (non-finite values) when samples [{a}, {b}) are run alone"
         if finite.any():
-            diff = (w - joined)[finite].abs()
-            scale = w[finite].abs().max().item()
-            if diff.max().item() > _tol(leaves[k].dtype) * max(scale, 1e-30):
-                j = int((diff == diff.max()).nonzero()[0, 0]) if diff.dim() else 0
-                pos = finite.nonzero()[j, 0].item() if finite.dim() else 0
-                return (f"the output of sample {pos} changes when samples [{0 if pos < h else h}, "
-                        f"{h if pos < h else m}) are run without the others (relative change "
-                        f"{diff.max().item() / max(scale, 1e-30):.2g})")
+            diff = (w64 - p64)[finite].abs()
+            scale = max(w64[finite].abs().max().item(), 1e-30)
+            if diff.max().item() > _tol(spec, leaves[k].dtype) * scale:
+                pos = a + int(finite.nonzero()[int(diff.argmax()), 0]) if finite.dim() else a
+                return (f"the output of sample {pos} changes when samples [{a}, {b}) are run without the others "
+                        f"(relative change {diff.max().item() / scale:.2g})")
     return ""

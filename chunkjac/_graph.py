@@ -112,16 +112,17 @@ def _check_graph(y: torch.Tensor, xs) -> Coupling:
     idx = torch.arange(b, device=y.device)
     with torch.enable_grad():
         full = torch.autograd.grad(y, xs, u, retain_graph=True, allow_unused=True)
-        scale = max((g.abs().max().item() for g in full if g is not None), default=0.0)
-        if scale == 0:
+        # One scale per input (as compute's check): a large input must not hide a small coupling.
+        scales = [0.0 if g is None else g.abs().max().item() for g in full]
+        if max(scales, default=0.0) == 0:
             return independent(b)
-        tol = RTOL.get(y.dtype, 1e-5) * scale
+        tols = [RTOL.get(y.dtype, 1e-5) * sc for sc in scales]
         for bit in range(log2_ceil(b)):
             inside = ((idx >> bit) & 1).bool()
             mask = inside.reshape(b, *[1] * (y.dim() - 1)).to(y.dtype)
             part = torch.autograd.grad(y, xs, u * mask, retain_graph=True, allow_unused=True)
-            for g, gp in zip(full, part):
-                if g is None:
+            for g, gp, tol, scale in zip(full, part, tols, scales):
+                if g is None or scale == 0:
                     continue
                 gp = torch.zeros_like(g) if gp is None else gp
                 out_a = (gp.reshape(b, -1)[~inside]).abs()

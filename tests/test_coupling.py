@@ -398,3 +398,72 @@ def test_jacobian_of_bad_arguments(make, match):
     y, xs = make(x)
     with pytest.raises((ValueError, TypeError), match=match):
         chunkjac.jacobian_of(y, xs)
+
+
+# Found by adversarial testing ----------------------------------------------------------------------
+
+class GatedBatchAttention(nn.Module):
+    """A zero-initialised gate on attention across the batch: independent until training moves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.q, self.k = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.mlp(x) + self.gate * (torch.softmax(self.q(x) @ self.k(x).T, -1) @ x)
+
+
+def test_the_check_runs_again_when_the_model_changes():
+    m = GatedBatchAttention().double()
+    x = torch.randn(20, 3, dtype=F64)
+    _, warned = _compute(m, x)
+    assert warned == []  # gate = 0: samples are independent, and the sum trick is exact
+    with torch.no_grad():
+        m.gate.fill_(0.5)  # an optimizer step: the parameters' in-place versions move
+    j, warned = _compute(m, x)
+    assert len(warned) == 1
+    torch.testing.assert_close(j, blocks(m, x), **TOL)
+    bn = nn.BatchNorm1d(3).double().eval()
+    wrapped = lambda v: bn(v)  # noqa: E731 - the module is reached through a closure
+    _compute(wrapped, x)
+    bn.train()
+    j, warned = _compute(wrapped, x)
+    assert len(warned) == 1
+    torch.testing.assert_close(j, blocks(wrapped, x), **TOL)
+    bn.eval()
+
+
+@pytest.mark.parametrize("name, f, args", [
+    ("pairs through detached values", lambda x: x * x.detach().reshape(-1, 2, 3).flip(1).reshape(-1, 3), None),
+    ("scaled by the longest length", lambda x, n: x * (n.to(x.dtype) / n.max()).unsqueeze(1), "lengths"),
+    ("batch-size parity", lambda x: x * (1 + x.shape[0] % 2), None),
+    ("a branch on grad mode", lambda x: x * x.mean(0).detach() if torch.is_grad_enabled() else x * 1.0, None),
+])
+def test_forward_mixing_that_one_middle_split_misses_is_found(name, f, args):
+    x = torch.randn(64, 3, dtype=F64)
+    inputs = x if args is None else (x, torch.randint(1, 10, (64,)).index_fill(0, torch.tensor([5, 40]), 12))
+    with pytest.warns(chunkjac.CouplingWarning):
+        j = chunkjac.compute(f, inputs, chunk_size=7)
+    ref = blocks(f, x) if args is None else blocks(lambda v: f(v, inputs[1]), x)
+    torch.testing.assert_close(j, ref, **TOL)
+
+
+def test_fn_writing_to_its_input_is_refused():
+    def halve(v):
+        with torch.no_grad():
+            v /= 2
+        return torch.sin(v)
+    x = torch.randn(10, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match="fn modified input 0 in place"):
+        chunkjac.compute(halve, x, coupling="independent")
+
+
+def test_jacobian_of_a_large_input_does_not_hide_a_coupling_on_another():
+    a = torch.randn(10, 3, dtype=F64, requires_grad=True)
+    b = torch.randn(10, 3, dtype=F64, requires_grad=True)
+    y = a + 1e-2 * a.mean(0) + 1e7 * b
+    with pytest.warns(chunkjac.CouplingWarning):
+        ja, _ = chunkjac.jacobian_of(y, (a, b))
+    torch.testing.assert_close(ja, blocks(lambda v: v + 1e-2 * v.mean(0) + 1e7 * b.detach(), a.detach()), **TOL)
