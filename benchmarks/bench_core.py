@@ -11,8 +11,9 @@ max abs difference to vmap(jacrev) on the first 64 samples.
 import argparse
 import json
 import statistics
-import subprocess
 import sys
+
+from _harness import run_child
 
 WORKLOADS = {  # name: (kind, B)
     "sin_1e6x3": ("sin", 1_000_000),
@@ -90,12 +91,7 @@ except (RuntimeError, MemoryError) as e:
 
 
 def run_one(kind, B, method, reps):
-    r = subprocess.run([sys.executable, "-c", CHILD, kind, str(B), method, str(reps)], capture_output=True,
-                       text=True, timeout=900)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    if r.returncode < 0:
-        return {"seconds": None, "note": f"killed by signal {-r.returncode} (out of memory?)"}
-    return json.loads(lines[-1]) if lines else {"seconds": None, "note": r.stderr.strip()[-100:]}
+    return run_child(CHILD, [kind, B, method, reps], timeout=900)
 
 
 def main():

@@ -16,8 +16,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+
+from _harness import run_child
 
 WORKLOADS = {  # name: (kind, B)
     "attention_1024x3": ("attn", 1024),
@@ -132,12 +133,7 @@ def run_one(kind, B, method, reps, budget):
     # RLIMIT_AS caps address space, not memory: glibc's per-thread arenas reserve 64 MB each
     # without touching it, so two arenas keep the cap about the memory actually used.
     env = dict(os.environ, MALLOC_ARENA_MAX="2")
-    r = subprocess.run([sys.executable, "-c", CHILD, kind, str(B), method, str(reps), budget, limited],
-                       capture_output=True, text=True, timeout=1800, env=env)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-    if r.returncode < 0:
-        return {"seconds": None, "note": f"killed by signal {-r.returncode} (out of memory?)"}
-    return json.loads(lines[-1]) if lines else {"seconds": None, "note": r.stderr.strip()[-100:]}
+    return run_child(CHILD, [kind, B, method, reps, budget, limited], timeout=1800, env=env)
 
 
 def main():

@@ -15,7 +15,7 @@ from ._budget import parse_budget
 from ._check import check_forward_mode
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._detect import check as check_coupling, state_key
-from ._dump import check_fits_in_memory, open_output
+from ._dump import open_output
 from ._errors import BudgetError, CouplingWarning, TooLongError
 from ._executor import execute
 from ._graph import jacobian_of
@@ -189,22 +189,15 @@ def compute(
     _check_unmodified(inputs, versions)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
-    if out is None:
-        check_fits_in_memory(spec, p)
-        check_forward_mode(spec, p)
-        result = execute(spec, p, progress=progress)
-        _check_unmodified(inputs, versions)
-        return result
     o = open_output(spec, p, out, resume)
     try:
         if not o.complete:
             check_forward_mode(spec, o.plan)
         result = execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
-        _check_unmodified(inputs, versions)
-        return result
     finally:
-        if hasattr(o.sink, "close"):
-            o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
+        o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
+    _check_unmodified(inputs, versions)
+    return result
 
 
 def plan(

@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from ._function import call, chunk_args, own_buffers, select
+from ._function import call, chunk_args, own_buffers, select, working_dtypes
 from ._plan import Plan
 from ._probe import PROBE_SIZES, preserved_buffers
 from ._spec import Spec
@@ -62,10 +62,7 @@ def check_forward_mode(spec: Spec, plan: Plan) -> None:
 
 def _tolerance(spec: Spec, plan: Plan) -> float:
     """The loosest of the dtypes in play: a float32 model with a float64 output computes in float32."""
-    dtypes = {plan.dtype} | {a.dtype for a in spec.args if hasattr(a, 'dtype') and a.dtype.is_floating_point}
-    if isinstance(spec.fn, torch.nn.Module):
-        dtypes |= {p.dtype for p in spec.fn.parameters() if p.is_floating_point()}
-    return max(_RTOL.get(d, 1e-4) for d in dtypes)
+    return max(_RTOL.get(d, 1e-4) for d in working_dtypes(spec, plan.dtype))
 
 
 def _reverse_projection(spec: Spec, t, u: torch.Tensor, n: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._coupling import log2_ceil
 from ._errors import is_out_of_memory
-from ._function import call, chunk_args, select
+from ._function import call, chunk_args, reachable_state, select, working_dtypes
 from ._probe import preserved_buffers
 from ._inputs import Source
 from ._spec import Spec
@@ -84,9 +84,8 @@ def state_key(spec: Spec) -> tuple:
     is or reaches (closures, globals, partials), the identity and in-place version of every tensor
     among those modules' parameters and buffers and among the inputs. An optimizer step, model.train(),
     new inputs or an in-place edit re-run the check; repeated calls on the same state do not."""
-    from ._manifest import _reachable_state
     parts = []
-    for name, v in _reachable_state(spec.fn):
+    for name, v in reachable_state(spec.fn):
         if isinstance(v, nn.Module):
             parts.append((name, tuple(m.training for m in v.modules()),
                           tuple((id(t), t._version if not t.is_inference() else 0)
@@ -106,18 +105,7 @@ def state_key(spec: Spec) -> tuple:
 def _tol(spec: Spec, dtype: torch.dtype) -> float:
     """The tolerance of the loosest precision in play: a float32 model whose output is cast to float64
     rounds like float32 (a single sample takes another BLAS path than 64 of them)."""
-    dtypes = {dtype} | {a.dtype for a in spec.args if isinstance(a, (torch.Tensor, Source)) and a.dtype.is_floating_point}
-    if isinstance(spec.fn, nn.Module):
-        dtypes |= {p.dtype for p in spec.fn.parameters() if p.is_floating_point()}
-    for _, v in _reachable(spec):
-        tensors = v.parameters() if isinstance(v, nn.Module) else [v]
-        dtypes |= {t.dtype for t in tensors if t.is_floating_point()}
-    return max(RTOL.get(d, 1e-5) for d in dtypes)
-
-
-def _reachable(spec: Spec):
-    from ._manifest import _reachable_state
-    return _reachable_state(spec.fn)
+    return max(RTOL.get(d, 1e-5) for d in working_dtypes(spec, dtype))
 
 
 def _rng_state(device: torch.device):

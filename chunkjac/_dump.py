@@ -18,7 +18,7 @@ from ._budget import format_bytes
 from ._errors import BudgetError, describe
 from ._memory import free_bytes
 from ._plan import Plan
-from ._sinks import NpySink, TensorSink
+from ._sinks import MemorySink, NpySink, TensorSink
 from ._spec import Spec
 
 log = logging.getLogger("chunkjac")
@@ -55,6 +55,10 @@ def check_fits_in_memory(spec: Spec, plan: Plan) -> None:
 
 
 def open_output(spec: Spec, plan: Plan, out, resume: bool) -> Output:
+    if out is None:
+        check_fits_in_memory(spec, plan)
+        return Output(MemorySink(spec.batch_size, differentiable=spec.create_graph,
+                                 keep_outputs=spec.return_outputs, device=spec.home), plan)
     if spec.create_graph:
         raise ValueError("chunkjac: out= cannot hold Jacobians on the autograd graph; leave out=None with "
                          "create_graph=True.")

@@ -136,8 +136,7 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
                     sink.write(start, stop, jacs, outputs)
                     bar.update(stop - start)
                     start = stop
-                if hasattr(sink, "done"):
-                    sink.done(unit)
+                sink.done(unit)
     finally:
         loader.close()
     if backed_off:

@@ -1,9 +1,11 @@
 """Running the user's function on one chunk: substituting differentiable values, picking the output."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -82,6 +84,66 @@ def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
             "with reduction='mean') mixes the samples; return per-sample values instead "
             "(e.g. reduction='none'), one row per sample.")
     return out
+
+
+def reachable_state(fn, depth: int = 3) -> list:
+    """(name, module or tensor) that fn holds or reaches: fn itself if a module; for functions, the
+    modules and tensors in its closure, defaults, bound ``self``, ``functools.partial`` arguments and
+    the globals it names (``lambda x: model(x).float()`` reaches ``model``); nested functions to
+    ``depth``. A resumed dump whose model changed behind a closure is refused like any other."""
+    seen: set[int] = set()
+    found: list = []
+
+    def visit(obj, name: str, d: int) -> None:
+        if id(obj) in seen or d < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (nn.Module, torch.Tensor)):
+            found.append((name, obj))
+            return
+        if isinstance(obj, functools.partial):
+            visit(obj.func, name + ".func", d - 1)
+            for k, v in enumerate(obj.args):
+                visit(v, f"{name}.args[{k}]", d - 1)
+            for k, v in obj.keywords.items():
+                visit(v, f"{name}.{k}", d - 1)
+            return
+        if isinstance(obj, (list, tuple)):
+            for k, v in enumerate(obj[:64]):
+                visit(v, f"{name}[{k}]", d - 1)
+            return
+        if isinstance(obj, dict):
+            for k, v in list(obj.items())[:64]:
+                visit(v, f"{name}[{k!r}]", d - 1)
+            return
+        if hasattr(obj, "__self__") and not isinstance(obj.__self__, type(functools)):
+            visit(obj.__self__, name + ".__self__", d - 1)
+        code = getattr(obj, "__code__", None)
+        if code is not None:
+            for cell, var in zip(getattr(obj, "__closure__", None) or (), code.co_freevars):
+                try:
+                    visit(cell.cell_contents, f"{name}.{var}", d - 1)
+                except ValueError:  # an empty cell
+                    pass
+            for k, v in enumerate(getattr(obj, "__defaults__", None) or ()):
+                visit(v, f"{name}.defaults[{k}]", d - 1)
+            g = getattr(obj, "__globals__", {})
+            for var in code.co_names:
+                if var in g:
+                    visit(g[var], f"{name}.{var}", d - 1)
+
+    visit(fn, "fn", depth)
+    return found
+
+
+def working_dtypes(spec: Spec, dtype: torch.dtype) -> set:
+    """The float dtypes in play besides ``dtype`` (the output's): the inputs', and those of the
+    modules and tensors fn is or reaches. A float32 model with a float64 output rounds like float32."""
+    dtypes = {dtype} | {a.dtype for a in spec.args if isinstance(a, (torch.Tensor, Source)) and a.dtype.is_floating_point}
+    for _, v in reachable_state(spec.fn):
+        tensors = v.parameters() if isinstance(v, nn.Module) else [v]
+        dtypes |= {t.dtype for t in tensors if t.is_floating_point()}
+    return dtypes
 
 
 def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ over the whole batch: 1 + ceil(log2 B) VJPs, one at a time (each costs one backw
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +17,7 @@ from ._coupling import Coupling, coupled, from_argument, independent, log2_ceil
 from ._detect import RTOL
 from ._errors import BudgetError, TooLongError, describe
 from ._memory import free_bytes, measure_peak
+from ._probe import best_seconds
 from ._plan import KMAX, VECTORISE_GAIN, _format_seconds, margin
 from ._spec import _FLOATS
 
@@ -149,12 +149,8 @@ def _plan(y, xs, colours, pairs: int, budget_bytes: int, create: bool) -> tuple[
         with torch.enable_grad():
             return extract_reverse(y, xs, dims, colours, k, create, calls=1, retain=True)
 
-    def timed(k):
-        t = time.perf_counter()
-        one(k)
-        if y.device.type == "cuda":
-            torch.cuda.synchronize(y.device)
-        return time.perf_counter() - t
+    def timed(k, repeats=1):
+        return best_seconds(lambda: one(k), y.device, repeats)
 
     if pairs == 1:
         return 1, timed(1)
@@ -167,10 +163,10 @@ def _plan(y, xs, colours, pairs: int, budget_bytes: int, create: bool) -> tuple[
             f"chunkjac: budget={format_bytes(budget_bytes)} cannot hold one backward pass over this graph "
             f"({format_bytes(m1)} measured); pass a larger budget.")
     k = int(max(1, min(pairs, KMAX, (share - m1) // per + 1)))
-    t1 = min(timed(1), timed(1))
+    t1 = timed(1, 2)
     best, per_pair = 1, t1
     if k > 1:
-        tk = min(timed(k), timed(k))
+        tk = timed(k, 2)
         if tk / k < VECTORISE_GAIN * t1:
             best, per_pair = k, tk / k
     return best, per_pair * pairs

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from . import _version
+from ._function import reachable_state
 from ._inputs import Source
 
 FORMAT = "chunkjac-manifest/1"
@@ -55,7 +55,7 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
     if isinstance(fn, nn.Module):
         fp["fn"] = f"{type(fn).__module__}.{type(fn).__qualname__}"
     h = hashlib.sha256()
-    for name, value in _reachable_state(fn):
+    for name, value in reachable_state(fn):
         h.update(name.encode())
         if isinstance(value, nn.Module):
             for k, v in value.state_dict().items():
@@ -99,56 +99,6 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
         "bounds": None if c.bounds is None else _digest(torch.from_numpy(np.asarray(c.bounds)))}
     fp["result"] = {"shape": list(shape), "dtype": str(dtype)}
     return fp
-
-
-def _reachable_state(fn, depth: int = 3):
-    """(name, module or tensor) that fn holds or reaches: fn itself if a module; for functions, the
-    modules and tensors in its closure, defaults, bound ``self``, ``functools.partial`` arguments and
-    the globals it names (``lambda x: model(x).float()`` reaches ``model``); nested functions to
-    ``depth``. A resumed dump whose model changed behind a closure is refused like any other."""
-    seen: set[int] = set()
-    found: list = []
-
-    def visit(obj, name: str, d: int) -> None:
-        if id(obj) in seen or d < 0:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, (nn.Module, torch.Tensor)):
-            found.append((name, obj))
-            return
-        if isinstance(obj, functools.partial):
-            visit(obj.func, name + ".func", d - 1)
-            for k, v in enumerate(obj.args):
-                visit(v, f"{name}.args[{k}]", d - 1)
-            for k, v in obj.keywords.items():
-                visit(v, f"{name}.{k}", d - 1)
-            return
-        if isinstance(obj, (list, tuple)):
-            for k, v in enumerate(obj[:64]):
-                visit(v, f"{name}[{k}]", d - 1)
-            return
-        if isinstance(obj, dict):
-            for k, v in list(obj.items())[:64]:
-                visit(v, f"{name}[{k!r}]", d - 1)
-            return
-        if hasattr(obj, "__self__") and not isinstance(obj.__self__, type(functools)):
-            visit(obj.__self__, name + ".__self__", d - 1)
-        code = getattr(obj, "__code__", None)
-        if code is not None:
-            for cell, var in zip(getattr(obj, "__closure__", None) or (), code.co_freevars):
-                try:
-                    visit(cell.cell_contents, f"{name}.{var}", d - 1)
-                except ValueError:  # an empty cell
-                    pass
-            for k, v in enumerate(getattr(obj, "__defaults__", None) or ()):
-                visit(v, f"{name}.defaults[{k}]", d - 1)
-            g = getattr(obj, "__globals__", {})
-            for var in code.co_names:
-                if var in g:
-                    visit(g[var], f"{name}.{var}", d - 1)
-
-    visit(fn, "fn", depth)
-    return found
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:

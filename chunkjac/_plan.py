@@ -351,7 +351,9 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     batched_in = sum(t.numel for t in spec.targets if t.batched)
     preferred = "forward" if JVP_COST * batched_in < n_out else "reverse"
     # auto: the count rule's mode, and the other one if fn cannot run it (no forward-mode formula).
-    tries = [spec.mode] if spec.mode != "auto" else [preferred, "reverse" if preferred == "forward" else "forward"]
+    wanted = [spec.mode] if spec.mode != "auto" else [preferred, "reverse" if preferred == "forward" else "forward"]
+    # Per target (shared tensors are always forward); distinct: with no batched target both are one.
+    tries = list(dict.fromkeys(tuple(m if t.batched else "forward" for t in spec.targets) for m in wanted))
     result_bytes = p.out_numel * sum(t.numel for t in spec.targets) * p.dtype.itemsize
 
     def with_k(k: int) -> Plan:
@@ -383,8 +385,7 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     else:  # one coupled set too large to measure: two prefixes, then a power law
         sizes = [s for s in EXTRAPOLATE_FROM if s < spec.batch_size]
         n0 = sizes[-1]
-    for i, mode in enumerate(tries):
-        modes = tuple(mode if t.batched else "forward" for t in spec.targets)
+    for i, modes in enumerate(tries):
         width = n_out if "reverse" in modes else max(t.numel for t in spec.targets)
         base = Plan(strategy="coloured", modes=modes, batch_size=spec.batch_size, chunk_size=spec.batch_size,
                     rows_per_vjp=1, cols_per_jvp=1 if "reverse" not in modes else max(t.numel for t in spec.targets),
@@ -394,8 +395,7 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
             step(sizes[0], 1, 1)
             break
         except (RuntimeError, NotImplementedError) as e:
-            if i == len(tries) - 1 or is_out_of_memory(e) or modes == tuple(
-                    tries[i + 1] if t.batched else "forward" for t in spec.targets):
+            if i == len(tries) - 1 or is_out_of_memory(e):
                 raise
     fits = {}
     for n in sizes:

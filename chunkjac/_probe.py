@@ -166,16 +166,7 @@ def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
     """Adds the time fit, from chunks of up to ``largest`` samples (best of two runs each)."""
 
     def seconds(n: int) -> float:
-        best = float("inf")
-        for _ in range(2):
-            if plan.device.type == "cuda":
-                torch.cuda.synchronize(plan.device)
-            t = time.perf_counter()
-            _run(spec, plan, n)
-            if plan.device.type == "cuda":
-                torch.cuda.synchronize(plan.device)
-            best = min(best, time.perf_counter() - t)
-        return best
+        return best_seconds(lambda: _run(spec, plan, n), plan.device)
 
     largest = max(1, min(largest, spec.batch_size))
     with preserved_buffers(spec.fn):
@@ -282,13 +273,19 @@ def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2
     with preserved_buffers(spec.fn):
         peak, result = measure_peak(work, plan.device, existing)
         del result
-        best = float("inf")
-        for _ in range(repeats):
-            if plan.device.type == "cuda":
-                torch.cuda.synchronize(plan.device)
-            t = time.perf_counter()
-            work()
-            if plan.device.type == "cuda":
-                torch.cuda.synchronize(plan.device)
-            best = min(best, time.perf_counter() - t)
+        best = best_seconds(work, plan.device, repeats)
     return float(peak), best
+
+
+def best_seconds(work, device: torch.device, repeats: int = 2) -> float:
+    """The best of ``repeats`` timed runs of ``work`` (synchronised on CUDA)."""
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from . import _manifest
+
 
 class MemorySink:
     """Collects chunk results into (B, *out, *in) tensors.
@@ -38,6 +40,12 @@ class MemorySink:
                 self._jacs = [j.new_empty((self.batch_size, *j.shape[1:]), device=self.device) for j in jacs]
             for dst, j in zip(self._jacs, jacs):
                 dst[start:stop].copy_(j)
+
+    def done(self, unit: int) -> None:
+        """Unit ``unit`` of the run is written (a dump records it; memory has nothing to do)."""
+
+    def close(self) -> None:
+        """The run is over, finished or not (a dump releases its lock)."""
 
     def jacobians(self) -> list[torch.Tensor]:
         if self._parts:
@@ -146,7 +154,6 @@ class NpySink(TensorSink):
             return
         if not force and time.monotonic() - self.last < self.COMMIT_SECONDS:
             return  # an msync and an fsync per small chunk would cost more than the chunk
-        from . import _manifest
         self.array.flush()  # msync: the rows are on disk before the manifest says so
         self.manifest["done"].update(self.ready)
         try:
@@ -160,7 +167,6 @@ class NpySink(TensorSink):
         self.last = time.monotonic()
 
     def jacobians(self) -> list[torch.Tensor]:
-        from . import _manifest
         self.staging.drain()
         self._commit(force=True)
         self.manifest["complete"] = len(self.manifest["done"]) == len(self.manifest["chunks"])
