@@ -154,8 +154,8 @@ def _plan(y, xs, colours, pairs: int, budget_bytes: int, create: bool) -> tuple[
 
     if pairs == 1:
         return 1, timed(1)
-    m1, _ = measure_peak(lambda: one(1), y.device, list(xs) + [y])
-    m2, _ = measure_peak(lambda: one(2), y.device, list(xs) + [y])
+    m1, _ = measure_peak(lambda: one(1), y.device)
+    m2, _ = measure_peak(lambda: one(2), y.device)
     per = max(m2 - m1, 1)
     share = margin(y.device) * budget_bytes
     if m1 > share:

@@ -150,12 +150,9 @@ def _run(spec: Spec, plan, n: int):
 def measure_memory(spec: Spec, plan) -> Measurement:
     sizes = sorted({min(spec.batch_size, s) for s in MEMORY_SIZES})
     points = []
-    existing = [a for a in spec.args if isinstance(a, torch.Tensor)]
-    if isinstance(spec.fn, nn.Module):
-        existing += list(spec.fn.parameters()) + list(spec.fn.buffers())
     with preserved_buffers(spec.fn):
         for n in sizes:
-            peak, result = measure_peak(lambda: _run(spec, plan, n), plan.device, existing)
+            peak, result = measure_peak(lambda: _run(spec, plan, n), plan.device)
             del result
             points.append((n, float(peak)))
     a, b = _fit(points)
@@ -263,15 +260,12 @@ def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2
     quiet = dataclasses.replace(spec, return_outputs=False)
     small = dataclasses.replace(plan, batch_size=n, chunk_size=n)
     args = chunk_args(spec, 0, n)
-    existing = [a for a in spec.args if isinstance(a, torch.Tensor)]
-    if isinstance(spec.fn, nn.Module):
-        existing += list(spec.fn.parameters()) + list(spec.fn.buffers())
 
     def work():
         return STRATEGIES[plan.strategy](quiet, small, args, n, colours, calls)
 
     with preserved_buffers(spec.fn):
-        peak, result = measure_peak(work, plan.device, existing)
+        peak, result = measure_peak(work, plan.device)
         del result
         best = best_seconds(work, plan.device, repeats)
     return float(peak), best
