@@ -19,13 +19,17 @@ gradients; forward: ceil(k * n_in / cols_per_jvp) batched JVPs, memory ~ cols_pe
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.func import jvp, vmap
 
 from .._errors import RandomFunctionError, is_out_of_memory
 from .._function import call, detach_all, own_buffers, select, split_tensors
-from .._plan import Plan
 from .._spec import Spec
+
+if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
+    from .._plan import Plan
 
 
 def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
