@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from ._function import call, chunk_args, own_buffers, select, working_dtypes
+from ._function import call, chunk_args, own_buffers, select, shielded, working_dtypes
 from ._plan import Plan
 from ._probe import PROBE_SIZES, preserved_buffers
 from ._spec import Spec
@@ -119,7 +119,7 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
                 return select(spec, call(spec, a, params), n)
 
             try:
-                with torch.no_grad():
+                with torch.no_grad(), shielded(spec):
                     _, jv = torch.func.jvp(g, (x,), (v,))
             except RuntimeError as e:
                 raise forward_refused(e) from e

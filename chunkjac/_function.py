@@ -1,6 +1,7 @@
 """Running the user's function on one chunk: substituting differentiable values, picking the output."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -154,6 +155,34 @@ def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:
     if not isinstance(fn, torch.nn.Module) or not any(m.training for m in fn.modules()):
         return {}
     return {name: b.clone() for name, b in fn.named_buffers()}
+
+
+@contextlib.contextmanager
+def shielded(spec: Spec):
+    """Run torch.func transforms on stand-ins for the tensors of every module fn is or reaches.
+
+    Inside ``torch.func.jvp``, ``model.to(...)`` (and anything else that assigns ``param.data``) puts
+    a functorch wrapper into the Parameter object, which outlives the transform and segfaults the
+    next forward. So for the duration of a forward-mode run each module's parameters and buffers are
+    replaced by views of themselves (same values, same autograd history, made outside the transform);
+    whatever fn does to those, the user's own Parameter objects are put back untouched.
+    """
+    modules = {id(s): s for _, m in reachable_state(spec.fn) if isinstance(m, nn.Module) for s in m.modules()}
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in modules.values()]
+    views: dict[int, torch.Tensor] = {}  # a tensor held twice (tied weights) gets one view
+    for m, params, buffers in saved:
+        for table, entries in ((m._parameters, params), (m._buffers, buffers)):
+            for k, v in entries.items():
+                if v is not None:
+                    table[k] = views.setdefault(id(v), v.view_as(v))
+    try:
+        yield
+    finally:  # the dicts as they were, whatever fn put there meanwhile (it may have added entries)
+        for m, params, buffers in saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
 
 
 def detach_all(out: Any) -> Any:

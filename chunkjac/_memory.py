@@ -1,6 +1,10 @@
 """Device memory: where to compute, how much is free there, and how much a piece of work peaks at."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
 
 import psutil
@@ -44,6 +48,34 @@ def free_bytes(device: torch.device) -> int:
 # figure as the dispatch mode on the probes measured here (5,644,036 bytes for a PINN MLP's batched
 # VJP, both ways), at about 1.4x the work's time on small ops. Where the profiler cannot start (the
 # user is profiling already), the figure is the growth of the process's resident memory instead.
+# The allocator logs "Memory block of unknown size was allocated before the profiling started" to
+# the process's stderr (C++, not a Python warning) when a tensor made before the window is freed
+# inside it; that line is PyTorch's business, not the user's, so stderr is held during the window
+# and passed on without it.
+
+
+@contextlib.contextmanager
+def _stderr_without(needle: bytes):
+    """Hold what is written to file descriptor 2 and pass it on afterwards, less lines with ``needle``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, closed): nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = b"".join(line for line in held if needle not in line)
+            if kept:
+                os.write(2, kept)
 
 
 def _profiled_peak(work) -> tuple[int, object] | None:
@@ -57,7 +89,8 @@ def _profiled_peak(work) -> tuple[int, object] | None:
     except RuntimeError:  # a profiler is running already: PyTorch allows one at a time
         return None
     try:
-        result = work()
+        with _stderr_without(b"allocated before the profiling started"):
+            result = work()
     finally:
         records = _disable_profiler_legacy()
     current = peak = 0

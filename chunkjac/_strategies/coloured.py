@@ -25,7 +25,7 @@ import torch
 from torch.func import jvp, vmap
 
 from .._errors import RandomFunctionError, is_out_of_memory
-from .._function import call, detach_all, own_buffers, select, split_tensors
+from .._function import call, detach_all, own_buffers, select, shielded, split_tensors
 from .._spec import Spec
 
 if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
@@ -53,7 +53,7 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor 
         outputs = out_box[0]
     for k, m in enumerate(plan.modes):
         if m == "forward":
-            with torch.enable_grad() if spec.create_graph else torch.no_grad():
+            with torch.enable_grad() if spec.create_graph else torch.no_grad(), shielded(spec):
                 jacs[k], out = _forward(spec, plan, args, n, k, colours, calls)
             outputs = out if outputs is None else outputs
     return jacs, outputs
