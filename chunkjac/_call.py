@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -14,9 +15,9 @@ import torch
 from ._budget import parse_budget
 from ._check import check_forward_mode
 from ._coupling import Coupling, coupled, independent, unsplittable
-from ._detect import check as check_coupling, state_key
+from ._detect import check as check_coupling, structure_key
 from ._dump import open_output
-from ._errors import CouplingWarning, TooLongError
+from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, is_out_of_memory
 from ._executor import execute
 from ._memory import free_bytes
 from ._plan import Plan, make_coupled_plan, make_plan
@@ -33,10 +34,18 @@ def _resolve_coupling(spec: Spec) -> Coupling:
     """coupling="auto": run the check (see _detect), cached with the probe; warn when samples interact."""
     if spec.coupling != "auto":
         return spec.coupling
-    # The check's answer depends on values, not only on shapes: re-run it when anything fn holds or
-    # is given changes (see state_key).
-    key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size, state_key(spec))
-    found = probe_cache.get(key, spec.fn, lambda: check_coupling(spec))
+    if not any(t.numel for t in spec.targets):  # an empty Jacobian: no entry to be coupled
+        return independent(spec.batch_size, "the Jacobian is empty")
+    # NOTE: [When the verdict is checked again]
+    # The verdict is kept while fn's structure stays (its code, module classes, training flags, hooks,
+    # tensor names/shapes/dtypes/devices and the inputs' shapes: see structure_key), not its values:
+    # an optimizer step changes every parameter in place, and re-running the check then would tax
+    # every training step (2.5x a hand-written step, measured). Values could only change the verdict
+    # through data-dependent branches on the parameters; against those the check runs again every
+    # probe_cache.recheck_every calls with the same structure (default 100: the check's cost amortised
+    # to about 1% of a step), and probe_cache.recheck_every = 1 checks at every call.
+    key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size, structure_key(spec))
+    found = probe_cache.get(key, spec.fn, lambda: check_coupling(spec), every=probe_cache.recheck_every)
     b = spec.batch_size
     if found.derivatives:
         warnings.warn(CouplingWarning(
@@ -73,7 +82,7 @@ def _check_unmodified(inputs, versions) -> None:
 
 
 def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
-             chunk_size, max_seconds):
+             chunk_size, max_seconds, given: Plan | None = None):
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                      create_graph=create_graph, return_outputs=return_outputs, device=device)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -81,13 +90,19 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
         raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise ValueError(f"chunkjac: max_seconds must be a positive number or None, got {max_seconds!r}.")
+    if given is not None:
+        return _pinned(spec, given)
     budget_bytes = parse_budget(budget, free_bytes(spec.device))
     spec = dataclasses.replace(spec, coupling=_resolve_coupling(spec))
-    if spec.coupling.kind == "independent":
-        p = make_plan(spec, spec.device, budget_bytes, chunk_size=chunk_size, cache=probe_cache)
-    else:
-        p = make_coupled_plan(spec, spec.coupling, spec.device, budget_bytes, chunk_size=chunk_size,
-                              cache=probe_cache, max_seconds=max_seconds)
+    p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
+    mismatch = _forward_verdict(spec, p)
+    if mismatch is not None:
+        if spec.mode != "auto" or not mismatch.batched:
+            raise mismatch
+        # auto: an op's forward-mode formula is wrong here (max_unpool with repeated indices), and
+        # reverse mode gives these derivatives exactly: plan that instead.
+        spec = dataclasses.replace(spec, mode="reverse")
+        p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
     if return_outputs and p.num_chunks > 1 and not p.batched_outputs:
         raise ValueError(
             f"chunkjac: return_outputs=True, but fn returns a tensor without the batch in its leading dim, "
@@ -96,6 +111,72 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     return spec, p
 
 
+def _guarded(api):
+    """The last line of "exact or a clear error": an exception that is neither chunkjac's own nor an
+    out-of-memory error (fn's own failures are FnError already, see _function.call) comes from PyTorch
+    while chunkjac differentiates; it is said as such, with the cause chained."""
+
+    @functools.wraps(api)
+    def run(*args, **kwargs):
+        try:
+            return api(*args, **kwargs)
+        except Exception as e:
+            if str(e).startswith("chunkjac:") or is_out_of_memory(e):
+                raise
+            why = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            if "derivative for" in why and "not implemented" in why:
+                hint = ("fn uses an operation that PyTorch cannot differentiate, so no AD mode can give its "
+                        "Jacobian: replace it with a differentiable one (or differentiate another input).")
+            else:
+                hint = ("This is unexpected: please report it to chunkjac with the traceback (PyTorch's error is "
+                        "chained below); mode='reverse' or coupling='independent' may avoid the failing path.")
+            raise RuntimeError(f"chunkjac: PyTorch failed while chunkjac differentiated fn "
+                               f"({type(e).__name__}: {why}). {hint}") from e
+
+    return run
+
+
+def _make_plan(spec: Spec, budget_bytes: int, chunk_size, max_seconds) -> Plan:
+    if spec.coupling.kind == "independent":
+        return make_plan(spec, spec.device, budget_bytes, chunk_size=chunk_size, cache=probe_cache)
+    return make_coupled_plan(spec, spec.coupling, spec.device, budget_bytes, chunk_size=chunk_size,
+                             cache=probe_cache, max_seconds=max_seconds)
+
+
+def _forward_verdict(spec: Spec, p: Plan) -> ForwardModeMismatch | None:
+    """The cross-check of a forward-mode plan (see _check), cached like the coupling verdict: its
+    answer cannot change while fn's structure does not (see [When the verdict is checked again])."""
+    if "forward" not in p.modes:
+        return None
+
+    def verdict():
+        try:
+            check_forward_mode(spec, p)
+        except ForwardModeMismatch as e:
+            return e
+        return None
+
+    key = probe_cache.key(spec, str(spec.device), "forward-check", p.modes, p.cols_per_jvp, structure_key(spec))
+    return probe_cache.get(key, spec.fn, verdict, every=probe_cache.recheck_every)
+
+
+def _pinned(spec: Spec, given) -> tuple[Spec, Plan]:
+    """A recorded plan (``plan=``): no check, probe or timing; the plan's coupling stands."""
+    if not isinstance(given, Plan):
+        raise TypeError(f"chunkjac: plan must be a chunkjac.Plan (from chunkjac.plan(...)) or None, got "
+                        f"{type(given).__name__}.")
+    mine = (spec.batch_size, tuple(t.numel for t in spec.targets), spec.device)
+    theirs = (given.batch_size, given.in_numels, given.device)
+    if mine != theirs or len(given.modes) != len(spec.targets):
+        raise ValueError(
+            f"chunkjac: plan= was made for another call: {given.batch_size:,} samples, wrt element counts "
+            f"{given.in_numels} on {given.device}; this call has {spec.batch_size:,} samples, "
+            f"{mine[1]} on {spec.device}. Make the plan with chunkjac.plan(...) and the same arguments.")
+    coupling = given.coupling if given.coupling is not None else independent(spec.batch_size, "plan=")
+    return dataclasses.replace(spec, coupling=coupling), given
+
+
+@_guarded
 def compute(
     fn: Callable,
     inputs: Any,
@@ -114,6 +195,7 @@ def compute(
     max_seconds: float | None = MAX_SECONDS,
     out: Any = None,
     resume: bool = True,
+    plan: Plan | None = None,
 ):
     """Per-sample Jacobians ``J[i] = d fn(x)_i / d x_i`` for every sample i of a batch.
 
@@ -160,6 +242,10 @@ def compute(
         resume: with a path ``out`` whose manifest matches this call, skip the chunks already on disk
             (a complete dump is a no-op); False starts the file over. A manifest of a different call
             is refused either way.
+        plan: a :class:`Plan` recorded from ``chunkjac.plan(...)`` with the same arguments: run it as
+            it is, without the coupling check, probes or timings (a training loop pays nothing per
+            step for planning, and a dump gets the same plan in every process). Under
+            ``torch.use_deterministic_algorithms(True)`` the planner itself chooses without timing.
 
     Returns:
         For a batched input x of shape (B, *in) and output y of shape (B, *out): a tensor of shape
@@ -180,14 +266,16 @@ def compute(
     """
     versions = _versions(inputs)
     spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                       device, chunk_size, max_seconds)
+                       device, chunk_size, max_seconds, given=plan)
     _check_unmodified(inputs, versions)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
     o = open_output(spec, p, out, resume)
     try:
-        if not o.complete:
-            check_forward_mode(spec, o.plan)
+        if not o.complete and o.plan is not p:  # a resumed dump's own plan
+            mismatch = _forward_verdict(spec, o.plan)
+            if mismatch is not None:
+                raise mismatch
         result = execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
     finally:
         o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
@@ -195,6 +283,7 @@ def compute(
     return result
 
 
+@_guarded
 def plan(
     fn: Callable,
     inputs: Any,

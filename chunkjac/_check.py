@@ -15,12 +15,13 @@ import dataclasses
 
 import torch
 
+from ._errors import ForwardModeMismatch
 from ._function import call, chunk_args, own_buffers, select, shielded, working_dtypes
 from ._plan import Plan
 from ._probe import PROBE_SIZES, preserved_buffers
 from ._spec import Spec
 from ._strategies import STRATEGIES
-from ._strategies.coloured import forward_refused
+from ._strategies.coloured import forward_refused, load_forward_decompositions
 
 _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -51,13 +52,13 @@ def check_forward_mode(spec: Spec, plan: Plan) -> None:
             scale = max(ours[finite].abs().max().item() if finite.any() else 0.0,
                         ref[finite].abs().max().item() if finite.any() else 0.0, 1e-30)
             if not same_nonfinite or err > _tolerance(spec, plan) * scale:
-                raise ValueError(
+                raise ForwardModeMismatch(
                     f"chunkjac: forward-mode and reverse-mode derivatives of fn w.r.t. {t.label} disagree on "
                     f"the first {n} samples (max difference {err:.3g}, scale {scale:.3g}): an operator in fn "
                     "has a missing or wrong forward-mode formula, or fn is not deterministic. "
                     + ("Pass mode='reverse'." if t.batched else
                        "Per-sample derivatives w.r.t. a shared tensor need forward mode; rewrite that part "
-                       "of fn or differentiate a batched input instead."))
+                       "of fn or differentiate a batched input instead."), batched=t.batched)
 
 
 def _tolerance(spec: Spec, plan: Plan) -> float:
@@ -116,13 +117,15 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
                     a[t.index] = z
                 else:
                     params[t.name] = z
-                return select(spec, call(spec, a, params), n)
+                with shielded(spec):
+                    return select(spec, call(spec, a, params), n)
 
             try:
-                with torch.no_grad(), shielded(spec):
+                load_forward_decompositions()
+                with torch.no_grad():
                     _, jv = torch.func.jvp(g, (x,), (v,))
             except RuntimeError as e:
-                raise forward_refused(e) from e
+                raise forward_refused(e, shared=not t.batched) from e
             u = torch.randn(jv.shape, generator=gen, dtype=torch.float64).to(jv.device, jv.dtype)
             try:
                 z = x.clone().requires_grad_(True)
@@ -139,7 +142,10 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
             scale = max((u.double() * jv.double()).abs().sum().item(), (gu.double() * v.double()).abs().sum().item(),
                         1e-30)
             if abs(a - b) > _tolerance(spec, plan) * scale or a != a or b != b:
-                raise ValueError(
+                raise ForwardModeMismatch(
                     f"chunkjac: forward-mode and reverse-mode derivatives of fn w.r.t. {t.label} disagree on the "
                     f"first coupled chunk ({n} samples; u.Jv = {a:.6g}, J^T u.v = {b:.6g}): an operator in fn has "
-                    "a missing or wrong forward-mode formula. Pass mode='reverse'.")
+                    "a missing or wrong forward-mode formula. "
+                    + ("Pass mode='reverse'." if t.batched else "Per-sample derivatives w.r.t. a shared tensor need "
+                       "forward mode; rewrite that part of fn or differentiate a batched input instead."),
+                    batched=t.batched)

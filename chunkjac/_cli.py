@@ -155,7 +155,7 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CouplingWarning)  # plan() above has shown it
-        J = compute(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, **opts)
+        J = compute(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, plan=p, **opts)
     dt = time.perf_counter() - t
     ran = J.shape[0] - before
     print(f"wrote: {out}  {tuple(J.shape)} {J.dtype}  (np.load({out!r}, mmap_mode='r'))")
@@ -190,6 +190,9 @@ def _add_call_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=_positive_int, default=None, help="samples per chunk (default: planned)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="refuse coupled runs predicted to take longer (default 3600)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): the plan is chosen without timing, so every "
+                        "run and process computes the same bits")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("inputs", nargs="+", metavar="INPUTS", help="input .npy files, one per positional input")
     pl.set_defaults(run=_plan_cmd)
     args = parser.parse_args(argv)
+    if getattr(args, "deterministic", False):
+        torch.use_deterministic_algorithms(True)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -27,6 +27,15 @@ def describe(v) -> str:
     return f"{type(v).__name__} {v!r}" if isinstance(v, (int, float, str, type(None))) else type(v).__name__
 
 
+class ForwardModeMismatch(ValueError):
+    """Forward- and reverse-mode derivatives of fn disagree (see [Why forward mode is cross-checked]);
+    ``batched``: every disagreeing target is a batched input, which reverse mode can differentiate."""
+
+    def __init__(self, message: str, batched: bool):
+        super().__init__(message)
+        self.batched = batched
+
+
 class CouplingWarning(UserWarning):
     """coupling="auto" found that samples interact and chose a coupled strategy; the message says why
     and how to silence it (name the coupling explicitly)."""

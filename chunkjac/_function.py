@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ._errors import is_out_of_memory
 from ._inputs import Source
 from ._spec import Spec, _FLOATS, _describe
 
@@ -36,8 +37,43 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
     return out
 
 
+class FnError(RuntimeError):
+    """fn itself failed on a chunk of the user's inputs; the message says on what, the cause is chained."""
+
+
 def call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None = None) -> Any:
-    """fn(*args), with module parameters/buffers replaced by ``params`` (torch.func.functional_call)."""
+    """fn(*args), with module parameters/buffers replaced by ``params`` (torch.func.functional_call).
+
+    An exception from fn becomes an :class:`FnError` that names the chunk it ran on (chunkjac's own
+    errors and out-of-memory errors pass through: the executor backs off on the latter)."""
+    try:
+        return _call(spec, args, params)
+    except Exception as e:
+        if isinstance(e, FnError) or str(e).startswith("chunkjac:") or is_out_of_memory(e):
+            raise
+        raise FnError(_failure(spec, args, e)) from e
+
+
+def _failure(spec: Spec, args: list, e: Exception) -> str:
+    why = str(e).strip() or type(e).__name__
+    n = next((a.shape[d] for a, d in zip(args, spec.in_dims) if d is not None and isinstance(a, torch.Tensor)), None)
+    part = f"a chunk of {n:,} of the {spec.batch_size:,} samples" if n is not None and n != spec.batch_size \
+        else f"all {spec.batch_size:,} samples"
+    shapes = "; ".join(f"input {i}: {_describe(a)}" for i, (a, d) in enumerate(zip(args, spec.in_dims))
+                       if isinstance(a, torch.Tensor))
+    text = (f"chunkjac: fn raised {type(e).__name__} on {part} ({shapes}); chunkjac calls fn on chunks of the "
+            f"inputs you passed, along their in_dims={spec.in_dims}. fn's error: {why}")
+    floats = {a.dtype for a in spec.args if isinstance(a, (torch.Tensor, Source)) and a.dtype.is_floating_point}
+    params = {t.dtype for _, v in reachable_state(spec.fn) if isinstance(v, nn.Module) for t in v.parameters()
+              if t.is_floating_point()}
+    if "dtype" in why and floats and params and floats != params:
+        have, want = "/".join(sorted(str(d) for d in floats)), "/".join(sorted(str(d) for d in params))
+        text += (f"\nThe inputs are {have} but fn's parameters are {want} (numpy arrays are float64): convert "
+                 f"one to the other, e.g. x.to({want.split('/')[0]}) or model.to({have.split('/')[0]}).")
+    return text
+
+
+def _call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None) -> Any:
     if not params:
         return spec.fn(*args)
     # functional_call can leave plain tensors in place of the Parameters of a submodule that appears
@@ -74,6 +110,9 @@ def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
             f"with output= (one of {keys}). return_outputs=True gives all of them back.")
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"chunkjac: {where} must be a tensor to differentiate, got {_describe(out)}.")
+    if out.layout != torch.strided:
+        raise TypeError(f"chunkjac: {where} is a {out.layout} tensor; chunkjac differentiates dense outputs. "
+                        "Return out.to_dense() from fn.")
     if out.dtype not in _FLOATS:
         raise TypeError(
             f"chunkjac: {where} is {_describe(out)}; only float16, bfloat16, float32 and float64 outputs "
@@ -159,13 +198,14 @@ def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def shielded(spec: Spec):
-    """Run torch.func transforms on stand-ins for the tensors of every module fn is or reaches.
+    """Run fn inside a torch.func transform on stand-ins for the tensors of every module it reaches.
 
     Inside ``torch.func.jvp``, ``model.to(...)`` (and anything else that assigns ``param.data``) puts
-    a functorch wrapper into the Parameter object, which outlives the transform and segfaults the
-    next forward. So for the duration of a forward-mode run each module's parameters and buffers are
-    replaced by views of themselves (same values, same autograd history, made outside the transform);
-    whatever fn does to those, the user's own Parameter objects are put back untouched.
+    a functorch wrapper of the transform's level into the Parameter object: the wrapper outlives the
+    transform and the next forward segfaults (or, at random, the same one). So, entered inside the
+    transform, this replaces each module's parameters and buffers by views of themselves (same values,
+    same autograd history) made at the transform's level, where such an assignment stays consistent;
+    the user's own Parameter objects are put back untouched on the way out.
     """
     modules = {id(s): s for _, m in reachable_state(spec.fn) if isinstance(m, nn.Module) for s in m.modules()}
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in modules.values()]

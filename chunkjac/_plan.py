@@ -286,7 +286,10 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
             f"chunkjac: budget={format_bytes(budget_bytes)} cannot hold the work of even one sample on "
             f"{device}: one sample needs about {format_bytes(one)} (with the planner's margin, a "
             f"budget of {format_bytes(need)}). Pass budget='{_round_up(need)}' or more.")
-    if len(fitted) > 1 and spec.batch_size > TIME_MIN_BATCH:
+    # Under torch.use_deterministic_algorithms(True) timings must not choose: the same call must get
+    # the same plan, and so the same bits, in every run and process (the count rule decides).
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if len(fitted) > 1 and spec.batch_size > TIME_MIN_BATCH and not deterministic:
         timed = []
         for plan, m, n, cand_key in fitted:
             m = cache.get(cand_key + ("time", n), spec.fn, lambda: measure_time(spec, plan, m, n))
@@ -429,7 +432,7 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
             "(coupling=<group ids> or a dependency structure) so that chunks can be smaller.")
     k_fit = int(max(1, min(pairs, KMAX, (share - base_mem) // per_k if per_k > 0 else pairs)))
     k, per_pair = 1, t_call
-    if k_fit > 1 and not extrapolated:
+    if k_fit > 1 and not extrapolated and not torch.are_deterministic_algorithms_enabled():
         t_k = step(n0, k_fit, 1)[1] - t_fwd
         if t_k / k_fit < VECTORISE_GAIN * per_pair:  # vectorise only where it clearly pays
             k, per_pair = k_fit, t_k / k_fit

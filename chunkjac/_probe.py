@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import math
 import time
+import types
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,7 +83,27 @@ def _forward_saving(spec: Spec, n: int) -> tuple[torch.Tensor, int]:
         saved.clear()
         with torch.enable_grad():
             out = call(spec, args)
-    return out, select(spec, out, n).detach(), sum(saved.values())
+    y = select(spec, out, n)
+    batched = [t for t in spec.targets if t.batched and t.numel]
+    if batched and not y.requires_grad and _moves(spec, args, y, batched):
+        raise ValueError(
+            f"chunkjac: fn's output is not connected to {batched[0].label} by autograd: fn leaves autograd on "
+            "the way (.detach(), .numpy(), .item(), torch.no_grad() inside fn, a tensor rebuilt from Python "
+            "numbers), although its output changes with that input: every derivative would come out zero "
+            "without being zero. Keep fn in differentiable torch operations.")
+    return out, y.detach(), sum(saved.values())
+
+
+def _moves(spec: Spec, args: list, y: torch.Tensor, targets) -> bool:
+    """Whether fn's output changes when the batched targets do: an output off the autograd graph is
+    then detached (wrong zeros), not constant (a zero Jacobian, as torch.func gives)."""
+    moved = list(args)
+    for t in targets:
+        a = args[t.index].detach()
+        moved[t.index] = a + (a.abs() + 1) * 1e-2
+    with torch.no_grad():
+        z = select(spec, call(spec, moved), y.shape[0])
+    return not torch.equal(z, y)
 
 
 ALIGN_MAX = 4096  # probe on whole coupled sets up to this size, on plain prefixes beyond
@@ -140,19 +161,39 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(v1 - slope * n1, 0.0), slope
 
 
-def _run(spec: Spec, plan, n: int):
+# NOTE: [Measuring a plan of many products]
+# A plan's chunk runs one forward and P batched products (VJPs of rows, JVPs of columns); a shared
+# tensor of 5,120 elements looped one JVP per call is P = 5,120. Measuring such a candidate in full
+# would cost more than the run it plans (400 s of planning for a 0.06 s answer, measured), so a
+# candidate of more than SHORT products is run cut short: memory from SHORT products (the peak is
+# the forward plus one block of products in flight; the result itself is allocated whole either way),
+# time from 1 and SHORT products, extrapolated to P as t1 + (P - 1) * (t_SHORT - t1) / (SHORT - 1),
+# the per-product time floored at a quarter of t1 (a difference of short timings can come out near
+# zero). Planning a candidate then costs a few forwards whatever P is.
+SHORT = 3
+
+
+def _products(plan) -> int:
+    vjps, jvps = plan.products_per_chunk
+    return vjps + jvps
+
+
+def _run(spec: Spec, plan, n: int, calls: int | None = None):
     from ._strategies import STRATEGIES  # strategies import the plan; the probe runs them
     quiet = dataclasses.replace(spec, return_outputs=False)
     small = dataclasses.replace(plan, batch_size=n, chunk_size=n)
-    return STRATEGIES[plan.strategy](quiet, small, chunk_args(spec, 0, n), n)
+    if calls is None:
+        return STRATEGIES[plan.strategy](quiet, small, chunk_args(spec, 0, n), n)
+    return STRATEGIES[plan.strategy](quiet, small, chunk_args(spec, 0, n), n, None, calls)
 
 
 def measure_memory(spec: Spec, plan) -> Measurement:
     sizes = sorted({min(spec.batch_size, s) for s in MEMORY_SIZES})
+    calls = SHORT if _products(plan) > SHORT else None
     points = []
     with preserved_buffers(spec.fn):
         for n in sizes:
-            peak, result = measure_peak(lambda: _run(spec, plan, n), plan.device)
+            peak, result = measure_peak(lambda: _run(spec, plan, n, calls), plan.device)
             del result
             points.append((n, float(peak)))
     a, b = _fit(points)
@@ -161,9 +202,14 @@ def measure_memory(spec: Spec, plan) -> Measurement:
 
 def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
     """Adds the time fit, from chunks of up to ``largest`` samples (best of two runs each)."""
+    total = _products(plan)
 
     def seconds(n: int) -> float:
-        return best_seconds(lambda: _run(spec, plan, n), plan.device)
+        if total <= SHORT:
+            return best_seconds(lambda: _run(spec, plan, n), plan.device)
+        t1 = best_seconds(lambda: _run(spec, plan, n, 1), plan.device)
+        ts = best_seconds(lambda: _run(spec, plan, n, SHORT), plan.device)
+        return t1 + (total - 1) * max((ts - t1) / (SHORT - 1), t1 / 4)
 
     largest = max(1, min(largest, spec.batch_size))
     with preserved_buffers(spec.fn):
@@ -195,8 +241,40 @@ def _owner(fn):
     return fn.__self__ if inspect.ismethod(fn) else fn
 
 
+def _anchors(fn) -> list:
+    """The objects whose identities are fn's identity for the cache.
+
+    A module, a bound method's object, any other callable: itself. A plain function is often made
+    anew at each call (``compute(lambda x, C: routine(C, x), ...)`` inside a loop) with the same
+    behaviour: its code object, the contents of its closure cells and defaults, and the globals its
+    code names, so that a lambda written at one place in the user's code hits the cache again, while
+    another closure value, or a global rebound, does not.
+    """
+    if not isinstance(fn, types.FunctionType):
+        return [_owner(fn)]
+    anchors = [fn.__code__]
+    for cell in fn.__closure__ or ():
+        try:
+            anchors.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            anchors.append(None)
+    anchors += list(fn.__defaults__ or ())
+    g = fn.__globals__
+    anchors += [g[name] for name in fn.__code__.co_names if name in g]
+    return anchors
+
+
 def _identity(fn) -> tuple:
-    return (id(fn.__self__), fn.__func__.__qualname__) if inspect.ismethod(fn) else (id(fn),)
+    if inspect.ismethod(fn):
+        return (id(fn.__self__), fn.__func__.__qualname__)
+    return tuple(id(a) for a in _anchors(fn))
+
+
+def _ref(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # builtins (torch.sin), ints, tuples: held (small, or alive anyway)
+        return lambda obj=obj: obj
 
 
 def _value_key(v) -> str:
@@ -207,12 +285,14 @@ def _value_key(v) -> str:
 class ProbeCache:
     """Probe results per (fn, input shapes/dtypes/devices, call options, candidate plan).
 
-    Entries hold fn weakly (a bound method by its object): an entry whose fn is gone never matches
-    again and leaves with the least recently used. At most ``size`` entries. ``chunkjac.probe_cache`` is the instance ``compute`` uses; ``.clear()`` empties it.
+    Entries hold fn weakly (a bound method by its object, a plain function by its code and what it
+    closes over: see ``_anchors``): an entry whose fn is gone never matches again and leaves with the
+    least recently used. At most ``size`` entries. ``chunkjac.probe_cache`` is the instance ``compute`` uses; ``.clear()`` empties it.
     """
 
-    def __init__(self, size: int = 128):
+    def __init__(self, size: int = 128, recheck_every: int = 100):
         self.size = size
+        self.recheck_every = recheck_every  # see [When the verdict is checked again] in _call
         self._entries: OrderedDict = OrderedDict()
         self.hits = 0
 
@@ -230,20 +310,20 @@ class ProbeCache:
         return (_identity(spec.fn), args, spec.in_dims, targets, repr(spec.output), spec.create_graph, state,
                 *extra)
 
-    def get(self, key, fn, compute):
-        """The cached value for ``key`` (whose first item is fn's identity), computed on a miss."""
-        owner = _owner(fn)
+    def get(self, key, fn, compute, every: int | None = None):
+        """The cached value for ``key`` (whose first item is fn's identity), computed on a miss, and
+        computed again at every ``every``-th use when ``every`` is given (None or 0: never)."""
+        anchors = _anchors(fn)
         entry = self._entries.get(key)
-        if entry is not None and entry[0]() is owner:  # the same object, not a new one at a reused id
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[1]
+        # The same objects, not new ones at reused ids.
+        if entry is not None and len(entry[0]) == len(anchors) and all(r() is a for r, a in zip(entry[0], anchors)):
+            entry[2] += 1
+            if not every or entry[2] < every:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[1]
         value = compute()
-        try:
-            ref = weakref.ref(owner)
-        except TypeError:  # builtins (torch.sin) cannot be weakly referenced, and live forever anyway
-            ref = lambda owner=owner: owner  # noqa: E731
-        self._entries[key] = (ref, value)
+        self._entries[key] = [[_ref(a) for a in anchors], value, 0]
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return value

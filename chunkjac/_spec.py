@@ -86,6 +86,10 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
     batch_size = _batch_size(args, dims)
     home = next(a.device for a, d in zip(args, dims) if d is not None)
     device = _resolve_device(device, fn, home)
+    if device.type == "meta":
+        raise ValueError("chunkjac: fn's parameters are on the meta device, which holds shapes but no values; "
+                         "a Jacobian depends on the values. Materialise the model first (model.to_empty(device="
+                         "'cpu') and load or initialise its weights).")
     # Shared tensors go to the compute device once; batched ones stream there chunk by chunk.
     args = tuple(_shared(a, device) if d is None and isinstance(a, torch.Tensor) else a for a, d in zip(args, dims))
     targets, single = _normalize_wrt(wrt, fn, args, dims)
@@ -151,6 +155,8 @@ def _normalize_inputs(inputs) -> tuple:
             if any(st < 0 for st in a.strides):
                 a = np.array(a)
             a = torch.from_numpy(a)
+        if isinstance(a, torch.Tensor):
+            _check_dense(a, f"input {k}")
         out.append(a)
     if not out:
         raise ValueError("chunkjac: inputs is an empty tuple; pass at least one batched tensor.")
@@ -269,6 +275,19 @@ def _target(w, fn, args, dims) -> Target:
     raise TypeError(
         f"chunkjac: wrt must be an input index (int), a parameter name (str), an nn.Parameter of fn, "
         f"or a tuple of those; got {_describe(w)}.")
+
+
+def _check_dense(t: torch.Tensor, label: str) -> None:
+    """chunkjac slices inputs into chunks and differentiates strided tensors with real values."""
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"chunkjac: {label} is a {t.layout} tensor of shape {tuple(t.shape)}; chunkjac cuts inputs into "
+            "chunks of samples, which sparse layouts do not allow. Pass it dense (x.to_dense()), or, if it is "
+            "shared by all samples, use it inside fn as a closure.")
+    if t.device.type == "meta":
+        raise ValueError(
+            f"chunkjac: {label} is on the meta device, which holds shapes but no values; a Jacobian depends "
+            "on the values. Pass real data (e.g. torch.randn(shape)) on a CPU or CUDA device.")
 
 
 def _check_float(t: torch.Tensor, label: str) -> None:

@@ -405,7 +405,7 @@ def test_kill_and_resume_in_a_subprocess(workdir):
     """SIGKILL a dump in the middle, run the same command again: the file equals an uninterrupted one."""
     out = workdir / "jac.npy"
     cmd = [sys.executable, "-m", "chunkjac", "dump", f"{workdir}/model.py:slow", str(workdir / "x.npy"), str(out),
-           "--chunk-size", "500", "--quiet"]
+           "--chunk-size", "500", "--quiet", "--deterministic"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = str(out) + ".chunkjac.json"
     deadline = time.time() + 120

@@ -37,3 +37,126 @@ print("exact")
 """)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert r.stdout.strip().endswith("exact")
+
+
+X = torch.randn(20, 3, dtype=D)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda z: torch.sin(z.detach()),
+    lambda z: torch.from_numpy(torch.sin(z).detach().numpy()),
+], ids=["detach", "numpy"])
+def test_fn_that_leaves_autograd_is_refused_not_zero(fn):
+    with pytest.raises(ValueError, match="chunkjac: fn's output is not connected to wrt=0 by autograd"):
+        chunkjac.compute(fn, X)
+
+
+@pytest.mark.parametrize("fn, inputs, in_dims, shape", [
+    (torch.mm, (torch.randn(5, 0, dtype=D), torch.randn(0, 10, dtype=D)), (0, None), (5, 10, 0)),
+    (torch.linalg.pinv, (torch.randn(4, 3, 0, dtype=D),), 0, (4, 0, 3, 3, 0)),
+    (lambda z: z[:, :0], (X,), 0, (20, 0, 3)),
+], ids=["mm", "pinv", "empty-output"])
+def test_zero_size_per_sample_inputs_and_outputs_give_empty_jacobians(fn, inputs, in_dims, shape):
+    J = chunkjac.compute(fn, inputs, in_dims=in_dims)
+    assert J.shape == shape
+
+
+MLP = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def test_fn_failing_on_the_users_inputs_names_the_chunk_and_keeps_the_cause():
+    with pytest.raises(RuntimeError, match=r"chunkjac: fn raised RuntimeError on a chunk of \d+ of the 100 samples "
+                       r"\(input 0: a torch.float32 tensor of shape \(\d+, 4\)\)") as e:
+        chunkjac.compute(MLP, torch.randn(100, 4))
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(e.value)
+    assert isinstance(e.value.__cause__, RuntimeError)  # PyTorch's own error, chained
+
+
+@pytest.mark.parametrize("x", [torch.randn(100, 3, dtype=D), torch.randn(100, 3, dtype=D).numpy()],
+                         ids=["float64-tensor", "numpy"])
+def test_dtype_mismatch_with_the_parameters_says_how_to_fix_it(x):
+    with pytest.raises(RuntimeError, match=r"The inputs are torch.float64 but fn's parameters are torch.float32"):
+        chunkjac.compute(MLP, x)
+
+
+def test_shared_tensor_without_forward_formula_names_a_way_out_that_works():
+    c = torch.randn(4, 3, dtype=D)
+    with pytest.raises(RuntimeError, match="no other mode to fall back on") as e:
+        chunkjac.compute(lambda z, c: torch.cdist(z, c), (X, c), in_dims=(0, None), wrt=1)
+    assert "mode='reverse'" not in str(e.value)
+
+
+def test_strict_deprecation_filter_does_not_fail_a_default_call():
+    # torch.func.jvp loads its decompositions through the deprecated torch.jit.script on first use.
+    r = run_isolated("""
+import torch, chunkjac
+x = torch.randn(50, 2)
+J = chunkjac.compute(lambda z: torch.sin(z) * z[:, :1], x, mode="forward")
+print(J.shape)
+""")
+    r2 = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c",
+                         "import torch, chunkjac\nx = torch.randn(50, 2)\n"
+                         "print(chunkjac.compute(lambda z: torch.sin(z) * z[:, :1], x, mode='forward').shape)"],
+                        capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
+    assert "Deprecat" not in r.stderr
+
+
+def test_default_call_leaks_no_internal_warning():
+    r = run_isolated("""
+import warnings, torch, chunkjac
+from torch import nn
+warnings.simplefilter("always")
+m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    chunkjac.compute(m, torch.randn(500, 3))
+    chunkjac.compute(lambda z: torch.sin(z), torch.randn(500, 3))
+print(len(w), [str(x.message)[:80] for x in w])
+""")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("0 "), r.stdout
+    assert r.stderr.strip() == "", r.stderr
+
+
+def test_sparse_and_meta_inputs_and_sparse_outputs_are_refused_before_any_work():
+    with pytest.raises(TypeError, match="chunkjac: input 0 is a torch.sparse_csr tensor"):
+        chunkjac.compute(lambda z: z.to_dense(), torch.randn(5, 5, dtype=D).to_sparse_csr())
+    with pytest.raises(ValueError, match="chunkjac: input 0 is on the meta device"):
+        chunkjac.compute(torch.sin, torch.randn(5, 5, device="meta"))
+    with pytest.raises(TypeError, match="chunkjac: fn's output is a torch.sparse_coo tensor"):
+        chunkjac.compute(lambda z: z.to_sparse(), torch.randn(5, 5, dtype=D))
+
+
+def test_an_op_without_derivative_is_a_chunkjac_error_with_the_cause_chained():
+    idx = torch.randint(0, 10, (5, 5))
+    src = torch.randn(5, 5, dtype=D)
+    with pytest.raises(RuntimeError, match="chunkjac: .*cannot differentiate") as e:
+        chunkjac.compute(lambda z: torch.scatter(z, 0, idx, src, reduce="add"), torch.randn(10, 5, dtype=D))
+    assert "derivative for aten::scatter is not implemented" in str(e.value.__cause__)
+
+
+def test_auto_mode_leaves_a_wrong_forward_formula_for_reverse_mode():
+    # max_unpool with repeated indices: PyTorch's forward-mode formula disagrees with reverse mode.
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    idx = torch.zeros(3, 2, 2, 2, dtype=torch.long)  # every output lands on element 0
+    vals = torch.randn(3, 2, 2, 2, dtype=D)
+    fn = lambda v: torch.nn.functional.max_unpool2d(v, idx, 2, output_size=(4, 4))  # noqa: E731
+    J = chunkjac.compute(fn, vals)
+    full = torch.autograd.functional.jacobian(fn, vals)
+    ref = torch.stack([full[i, ..., i, :, :, :] for i in range(3)])
+    torch.testing.assert_close(J, ref)
+    with pytest.raises(ValueError, match="forward-mode and reverse-mode derivatives"):
+        chunkjac.compute(fn, vals, mode="forward")
+
+
+def test_planning_many_products_is_bounded():
+    # A shared weight of 5,120 elements: the one-JVP-per-call candidate is measured cut short, not
+    # 5,120 times (see [Measuring a plan of many products]).
+    import time
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(512, 10))
+    x = torch.randn(300, 8, 8, 8)
+    t = time.perf_counter()
+    chunkjac.plan(m, x, wrt="1.weight")
+    assert time.perf_counter() - t < 30

@@ -19,13 +19,14 @@ gradients; forward: ceil(k * n_in / cols_per_jvp) batched JVPs, memory ~ cols_pe
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch.func import jvp, vmap
 
 from .._errors import RandomFunctionError, is_out_of_memory
-from .._function import call, detach_all, own_buffers, select, shielded, split_tensors
+from .._function import FnError, call, detach_all, own_buffers, select, shielded, split_tensors
 from .._spec import Spec
 
 if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
@@ -53,7 +54,7 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor 
         outputs = out_box[0]
     for k, m in enumerate(plan.modes):
         if m == "forward":
-            with torch.enable_grad() if spec.create_graph else torch.no_grad(), shielded(spec):
+            with torch.enable_grad() if spec.create_graph else torch.no_grad():
                 jacs[k], out = _forward(spec, plan, args, n, k, colours, calls)
             outputs = out if outputs is None else outputs
     return jacs, outputs
@@ -204,6 +205,7 @@ def _vjp_block(yf, prims, cot, create, last):
 def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls):
     t = spec.targets[k]
     create = spec.create_graph
+    load_forward_decompositions()
     if t.kind == "input":
         x = args[t.index]
         d = spec.in_dims[t.index]
@@ -225,7 +227,8 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
             a[t.index] = v
         else:
             params[t.name] = v
-        out = call(spec, a, params)
+        with shielded(spec):  # stand-ins made inside the transform (see shielded)
+            out = call(spec, a, params)
         y = select(spec, out, n)
         tensors, rebuild = split_tensors(out)
         if not rebuild_box:
@@ -240,7 +243,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         try:
             return one(tangent)
         except RuntimeError as e:
-            raise forward_refused(e) from e
+            raise forward_refused(e, shared=d is None) from e
 
     m = t.numel
     if d is None:
@@ -306,13 +309,32 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
     return j, rebuild_box[0](aux)
 
 
-def forward_refused(e: RuntimeError) -> RuntimeError:
-    """torch.func.jvp's failure, said in fn's terms; out-of-memory errors pass through for back-off."""
+def forward_refused(e: RuntimeError, shared: bool = False) -> RuntimeError:
+    """torch.func.jvp's failure, said in fn's terms; out-of-memory errors pass through for back-off.
+    ``shared``: the target is a shared tensor, for which reverse mode is no way out."""
     if is_out_of_memory(e) or isinstance(e, RandomFunctionError):
         return e
-    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    cause = e.__cause__ if isinstance(e, FnError) and e.__cause__ is not None else e
+    text = str(cause).strip()
+    why = text.splitlines()[0] if text else type(cause).__name__
     hint = ""
     if "mutate" in why or "in-place" in why or "inplace" in why:
         hint = (" fn updates a tensor in place during its forward pass (BatchNorm running statistics in "
                 "training mode?), which torch.func.jvp cannot trace.")
+    if shared:
+        return RuntimeError(
+            f"chunkjac: forward mode cannot run fn ({why}).{hint} Per-sample derivatives w.r.t. a shared "
+            "tensor need forward mode here (reverse mode sums the samples' contributions), so there is no "
+            "other mode to fall back on: replace the operation that has no forward-mode formula in fn, or "
+            "pass the shared tensor as a batched input (expanded to B rows, in_dims=0) and differentiate that.")
     return RuntimeError(f"chunkjac: forward mode cannot run fn ({why}).{hint} Pass mode='reverse'.")
+
+
+def load_forward_decompositions() -> None:
+    """torch.func.jvp loads PyTorch's forward-AD decompositions on first use through torch.jit.script,
+    which warns DeprecationWarning: under ``-W error`` the load itself fails. Load them quietly, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+        if load is not None:
+            load()
