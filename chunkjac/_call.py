@@ -10,11 +10,13 @@ import dataclasses
 import functools
 import warnings
 
+import numpy as np
 import torch
 
 from ._budget import parse_budget
 from ._check import check_forward_mode
 from ._coupling import Coupling, coupled, independent, unsplittable
+from ._function import FnError
 from ._detect import check as check_coupling, structure_key
 from ._dump import open_output
 from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, is_out_of_memory
@@ -94,7 +96,14 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
         return _pinned(spec, given)
     budget_bytes = parse_budget(budget, free_bytes(spec.device))
     spec = dataclasses.replace(spec, coupling=_resolve_coupling(spec))
-    p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
+    try:
+        p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
+    except FnError as e:
+        whole = _whole_batch(spec, e)
+        if whole is None:
+            raise
+        spec = dataclasses.replace(spec, coupling=whole)
+        p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
     mismatch = _forward_verdict(spec, p)
     if mismatch is not None:
         if spec.mode != "auto" or not mismatch.batched:
@@ -127,6 +136,15 @@ def _guarded(api):
             if "derivative for" in why and "not implemented" in why:
                 hint = ("fn uses an operation that PyTorch cannot differentiate, so no AD mode can give its "
                         "Jacobian: replace it with a differentiable one (or differentiate another input).")
+            elif "donated buffers" in why:
+                hint = ("fn is torch.compile'd, and its compiled backward frees its buffers after one use while "
+                        "chunkjac needs several backward passes per forward: set torch._functorch.config."
+                        "donated_buffer = False before compiling, or compile with backend='aot_eager'.")
+            elif any(tb.tb_frame.f_code.co_filename.endswith(("grad_sample_module.py", "hooks.py"))
+                     for tb in _frames(e.__traceback__)):
+                hint = ("A backward hook of fn's module failed: hooks that expect one backward pass per forward "
+                        "(Opacus's GradSampleModule: call .disable_hooks() first) cannot serve the several "
+                        "backward passes a Jacobian takes.")
             else:
                 hint = ("This is unexpected: please report it to chunkjac with the traceback (PyTorch's error is "
                         "chained below); mode='reverse' or coupling='independent' may avoid the failing path.")
@@ -134,6 +152,30 @@ def _guarded(api):
                                f"({type(e).__name__}: {why}). {hint}") from e
 
     return run
+
+
+def _whole_batch(spec: Spec, e: FnError) -> Coupling | None:
+    """fn failed on a part of the batch that the coupling allows as a chunk: the same structure (the
+    colours) with one chunk, the whole batch. Graph layers are called so: x (N, F) nodes with a shared
+    edge_index that names all N of them cannot run on a slice of the nodes, while the colours of that
+    edge_index still say which nodes may share a product."""
+    c = spec.coupling
+    if c.bounds is not None and c.unit >= spec.batch_size:
+        return None  # fn failed on the whole batch: its own error stands
+    why = f"fn runs only on the whole batch (on a part: {_first_line(e.__cause__ or e)})"
+    if c.colours is None:
+        return unsplittable(spec.batch_size, why)
+    return dataclasses.replace(c, bounds=np.array([0, spec.batch_size]), reason=f"{c.reason}; {why}")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
 
 
 def _make_plan(spec: Spec, budget_bytes: int, chunk_size, max_seconds) -> Plan:

@@ -88,9 +88,6 @@ def test_pyg_gcn_coupled_is_exact():
     torch.testing.assert_close(j, diag_blocks(lambda z: layer(z, ei), x), rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.xfail(reason="the planner probes fn on chunks of a few nodes with the whole graph's edge_index "
-                          "(even with chunk_size=B), fn fails there and chunkjac refuses (FnError): the documented "
-                          "structure forms cannot be used with a shared edge_index", strict=False)
 @pytest.mark.parametrize("form", ["edge_index", "group_ids"])
 def test_pyg_gcn_with_documented_structure_is_exact(form):
     pyg = pytest.importorskip("torch_geometric.nn")
@@ -160,10 +157,6 @@ def _gsm():
     return net, GradSampleModule(copy.deepcopy(net))
 
 
-@pytest.mark.xfail(reason="opacus hooks allow one backward per forward; the several VJPs of chunkjac's coupling "
-                          "check on one forward make them fail, and opacus's IndexError escapes "
-                          "(chunkjac/_detect.py) instead of a chunkjac error naming gsm.disable_hooks()",
-                   strict=False)
 def test_opacus_grad_sample_module_exact_or_clear_error():
     net, gsm = _gsm()
     x = torch.randn(32, 6, dtype=torch.float64)
