@@ -19,7 +19,7 @@ from ._coupling import Coupling, coupled, independent, unsplittable
 from ._function import FnError
 from ._detect import check as check_coupling, structure_key
 from ._dump import open_output
-from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, is_out_of_memory
+from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, passes_through
 from ._executor import execute
 from ._memory import free_bytes
 from ._plan import Plan, make_coupled_plan, make_plan
@@ -130,7 +130,7 @@ def _guarded(api):
         try:
             return api(*args, **kwargs)
         except Exception as e:
-            if str(e).startswith("chunkjac:") or is_out_of_memory(e):
+            if passes_through(e):
                 raise
             why = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
             if "derivative for" in why and "not implemented" in why:

@@ -5,9 +5,11 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import resource
 import sys
+import threading
 import time
 import warnings
 
@@ -122,11 +124,48 @@ def _call_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _peak_memory(device) -> str:
-    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 1e6:,.0f} MB on {device} (torch.cuda.max_memory_allocated)"
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return f"{peak_kb / 1e3:,.0f} MB resident (peak RSS of this process)"
+class _MemoryWatch:
+    """Peaks of the process's own memory (anonymous pages: what the budget governs) and of the file
+    pages it maps (the memory-mapped inputs and output: page cache the OS reclaims), sampled from
+    /proc/self/status every 20 ms. Where that file is missing, only the peak RSS is known."""
+
+    def __init__(self):
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="chunkjac-memory")
+        self.available = os.path.exists("/proc/self/status")
+
+    def _sample(self) -> None:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        self.anon = max(self.anon, int(fields["RssAnon"].split()[0]) * 1024)
+        self.file = max(self.file, int(fields["RssFile"].split()[0]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self):
+        if self.available:
+            self._sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    def report(self, device) -> str:
+        if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+            return f"{torch.cuda.max_memory_allocated() / 1e6:,.0f} MB on {device} (torch.cuda.max_memory_allocated)"
+        if not self.available:
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return f"{peak_kb / 1e3:,.0f} MB resident (peak RSS of this process)"
+        return (f"{self.anon / 1e6:,.0f} MB of the process's own memory (anonymous pages: the budget governs "
+                f"these, with the interpreter and PyTorch); up to {self.file / 1e6:,.0f} MB of mapped file pages "
+                "(the memory-mapped inputs and output: page cache the OS reclaims)")
 
 
 def _plan_cmd(args: argparse.Namespace) -> int:
@@ -152,8 +191,11 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
     else:
         print(f"plan: {p}", flush=True)
+        size = p.batch_size * math.prod(p.out_shape) * sum(p.in_numels) * p.dtype.itemsize
+        print(f"      the estimate is compute only; writing {size / 1e9:,.2f} GB to {out} comes on top "
+              "(at the disk's speed)", flush=True)
     t = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _MemoryWatch() as watch:
         warnings.simplefilter("ignore", CouplingWarning)  # plan() above has shown it
         J = compute(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, plan=p, **opts)
     dt = time.perf_counter() - t
@@ -162,7 +204,7 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     done = f" ({before:,} were already on disk)" if before else ""
     rate = f", {ran / dt:,.0f} samples/s" if ran else ""
     print(f"time: {dt:.2f} s for {ran:,} samples{rate}{done}")
-    print(f"peak memory: {_peak_memory(args.device)}")
+    print(f"peak memory: {watch.report(args.device)}")
     return 0
 
 

@@ -54,7 +54,8 @@
 # objects, same in-place versions) and the inputs (same objects) stay the same: exact, but an
 # optimizer step (in-place updates bump _version) re-runs the check. structure_key: the verdict
 # holds while what decides the structure of the computation stays the same: fn's code (a function's
-# __code__ with its scalar closure values and defaults; a module's class), the modules fn reaches
+# __code__, its scalar closure values and defaults, the functions it closes over; a module's class),
+# the modules fn reaches
 # (every submodule's class, training flag, forward/forward-pre/backward hook handles, an instance-
 # level forward; the global module hooks), the names, shapes, dtypes, devices and requires_grad of
 # their parameters and buffers (and of tensors fn holds), the inputs' shapes, dtypes, devices and
@@ -281,27 +282,33 @@ def _version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version  # inference tensors have no version counter
 
 
-def _code_key(fn) -> tuple:
-    """fn's code: a function's __code__ (and its scalar closure values and defaults), a bound method's
-    function's, a partial's function's and scalar arguments, a module's or callable object's class."""
+def _code_key(fn, depth: int = 2) -> tuple:
+    """fn's code: a function's __code__ with its scalar closure values and defaults (and the code of
+    the functions it closes over, to ``depth``), a bound method's function's, a partial's function's
+    and scalar arguments, a module's or callable object's class. Tensors and modules: structure_key."""
     if isinstance(fn, functools.partial):
         scalars = tuple(v for v in (*fn.args, *fn.keywords.values()) if isinstance(v, (bool, int, float, str)))
-        return ("partial", _code_key(fn.func), tuple(fn.keywords), scalars)
+        return ("partial", _code_key(fn.func, depth), tuple(fn.keywords), scalars)
     if inspect.ismethod(fn):
-        return ("method", type(fn.__self__), _code_key(fn.__func__))
+        return ("method", type(fn.__self__), _code_key(fn.__func__, depth))
     code = getattr(fn, "__code__", None)
-    if code is not None:
-        cells = []
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                v = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            cells.append(v if isinstance(v, (bool, int, float, str, type(None))) else type(v))
-        defaults = tuple(v if isinstance(v, (bool, int, float, str, type(None))) else type(v)
-                         for v in getattr(fn, "__defaults__", None) or ())
-        return ("function", code, tuple(cells), defaults)
-    return ("object", type(fn))
+    if code is None:
+        return ("object", type(fn))
+
+    def part(v):
+        if isinstance(v, (bool, int, float, str, type(None))) or inspect.isbuiltin(v):  # torch.softmax
+            return v
+        if depth > 0 and (inspect.isfunction(v) or inspect.ismethod(v) or isinstance(v, functools.partial)):
+            return _code_key(v, depth - 1)
+        return type(v)
+
+    cells = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            cells.append(part(cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    return ("function", code, tuple(cells), tuple(part(v) for v in getattr(fn, "__defaults__", None) or ()))
 
 
 def _tol(dtype: torch.dtype, floor: float, wide: bool) -> float:

@@ -18,6 +18,14 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
+def passes_through(e: BaseException) -> bool:
+    """Exceptions chunkjac lets go as they are: its own (their message starts "chunkjac:"), out-of-memory
+    errors (the executor backs off on them), and those of classes that are neither Python's nor
+    PyTorch's: the user's own, which the user's code may be waiting to catch."""
+    own = type(e).__module__.split(".")[0] not in ("builtins", "torch")
+    return own or str(e).startswith("chunkjac:") or is_out_of_memory(e)
+
+
 def describe(v) -> str:
     """A value as error messages show it: a tensor by dtype and shape, a scalar by its repr."""
     if isinstance(v, torch.Tensor):

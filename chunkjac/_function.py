@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._errors import is_out_of_memory
+from ._errors import passes_through
 from ._inputs import Source
 from ._spec import Spec, _FLOATS, _describe
 
@@ -44,12 +44,13 @@ class FnError(RuntimeError):
 def call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None = None) -> Any:
     """fn(*args), with module parameters/buffers replaced by ``params`` (torch.func.functional_call).
 
-    An exception from fn becomes an :class:`FnError` that names the chunk it ran on (chunkjac's own
-    errors and out-of-memory errors pass through: the executor backs off on the latter)."""
+    A Python or PyTorch exception from fn becomes an :class:`FnError` that names the chunk it ran on.
+    Passed through: chunkjac's own errors, out-of-memory errors (the executor backs off on them), and
+    exceptions of the user's own classes, which the user's code may be waiting to catch."""
     try:
         return _call(spec, args, params)
     except Exception as e:
-        if isinstance(e, FnError) or str(e).startswith("chunkjac:") or is_out_of_memory(e):
+        if passes_through(e):
             raise
         raise FnError(_failure(spec, args, e)) from e
 

@@ -497,7 +497,8 @@ def test_cli_fn_failing_on_the_inputs_and_a_missing_gpu_exit_2(workdir, capsys):
     np.save(workdir / "x4.npy", np.zeros((100, 4), dtype=np.float32))
     assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x4.npy"), str(workdir / "j.npy")]) == 2
     err = capsys.readouterr().err
-    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in err and "Traceback" not in err
+    assert "fn raised RuntimeError" in err and "mat1 and mat2 shapes cannot be multiplied" in err
+    assert "Traceback" not in err
     if not torch.cuda.is_available():
         assert main(["plan", f"{workdir}/model.py:make", str(workdir / "x.npy"), "--device", "cuda"]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err
