@@ -43,9 +43,11 @@ def _resolve_coupling(spec: Spec) -> Coupling:
     # tensor names/shapes/dtypes/devices and the inputs' shapes: see structure_key), not its values:
     # an optimizer step changes every parameter in place, and re-running the check then would tax
     # every training step (2.5x a hand-written step, measured). Values could only change the verdict
-    # through data-dependent branches on the parameters; against those the check runs again every
-    # probe_cache.recheck_every calls with the same structure (default 100: the check's cost amortised
-    # to about 1% of a step), and probe_cache.recheck_every = 1 checks at every call.
+    # through their values (a gate initialised at zero decouples the samples until the first step
+    # moves it); against those the check runs again after 1, 2, 4, 8, ... calls with the same
+    # structure, the gap doubling up to probe_cache.recheck_every (default 100) and staying there:
+    # about 7 checks in a run's first 100 steps, then 1% of the steps. probe_cache.recheck_every = 1
+    # checks at every call.
     key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size, structure_key(spec))
     found = probe_cache.get(key, spec.fn, lambda: check_coupling(spec), every=probe_cache.recheck_every)
     b = spec.batch_size

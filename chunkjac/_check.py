@@ -16,9 +16,9 @@ import dataclasses
 import torch
 
 from ._errors import ForwardModeMismatch
-from ._function import call, chunk_args, own_buffers, select, shielded, working_dtypes
+from ._function import call, chunk_args, own_buffers, preserved_buffers, select, shielded, working_dtypes
 from ._plan import Plan
-from ._probe import PROBE_SIZES, preserved_buffers
+from ._probe import PROBE_SIZES
 from ._spec import Spec
 from ._strategies import STRATEGIES
 from ._strategies.coloured import forward_refused, load_forward_decompositions

@@ -81,7 +81,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._coupling import log2_ceil
 from ._errors import is_out_of_memory
-from ._function import FnError, call, chunk_args, reachable_state, select, working_dtypes
+from ._function import FnError, call, chunk_args, preserved_buffers, reachable_state, select, working_dtypes
 from ._inputs import Source
 from ._spec import Spec
 
@@ -123,12 +123,33 @@ def check(spec: Spec) -> Finding:
         return Finding(False, True, "a single sample")
     while True:
         try:
-            with _preserved_buffers(spec):
+            with preserved_buffers(spec.fn):
                 return _check(spec, m)
+        except FnError as e:
+            if m >= spec.batch_size:
+                raise
+            return _whole(spec, e)
         except Exception as e:
             if not is_out_of_memory(e) or m <= 2:
                 raise
             m //= 2  # a model too large for 64 samples at once: check on fewer
+
+
+WHOLE_MAX = 4096
+
+
+def _whole(spec: Spec, e: FnError) -> Finding:
+    """fn fails on a window of the batch: a graph layer whose shared edge_index names all N nodes runs
+    on all of them or not at all. Checked as one window of the whole batch where that is small enough
+    (1 + log2 B VJPs); beyond, the user says how samples interact."""
+    if spec.batch_size > WHOLE_MAX:
+        raise FnError(
+            f"{e} -- The coupling check runs fn on windows of {CHECK_SAMPLES} samples. If fn can run only on "
+            "the whole batch (a graph layer whose shared edge_index names every node), pass coupling=<that "
+            "edge_index> or group ids (chunkjac then runs the forward on the whole batch and extracts by "
+            "colours), or coupling='coupled' / 'unsplittable'.") from e.__cause__
+    with preserved_buffers(spec.fn):
+        return _check(spec, spec.batch_size)
 
 
 def _check(spec: Spec, m: int) -> Finding:
@@ -183,23 +204,6 @@ def _refuse_meta(spec: Spec) -> None:
             f"chunkjac: {what} is on the meta device. Meta tensors hold no values (only shapes and dtypes), "
             "and a Jacobian needs real data. Materialise them first (e.g. model.to_empty(device='cpu') and "
             "load the weights; real inputs), or use chunkjac.plan on real tensors for a cost estimate.")
-
-
-@contextlib.contextmanager
-def _preserved_buffers(spec: Spec):
-    """Undo in-place buffer updates (BatchNorm's running statistics) that the check's forwards would
-    leave in every module fn reaches, a module held by a closure included. Only buffers that changed
-    are restored: a restoring write moves the version counter, and with it state_key. (Not every
-    write moves it: batch_norm updates its running statistics without; so values are compared.)"""
-    saved = [(b, b.detach().clone(), _version(b)) for _, v in reachable_state(spec.fn) if isinstance(v, nn.Module)
-             for b in v.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v, version in saved:
-                if _version(b) != version or not torch.equal(b, v):
-                    b.copy_(v)
 
 
 def state_key(spec: Spec) -> tuple:

@@ -7,6 +7,7 @@ fn's buffers (BatchNorm running statistics) are left as they were before the cal
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import sys
@@ -21,7 +22,7 @@ from ._errors import BudgetError, is_out_of_memory
 from ._function import chunk_args
 from ._inputs import Source
 from ._plan import Plan
-from ._probe import preserved_buffers
+from ._function import preserved_buffers
 from ._sinks import MemorySink
 from ._spec import Spec
 from ._strategies import STRATEGIES
@@ -106,8 +107,9 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     loader = _Loader(spec)
     size = plan.chunk_size
     already = sum(b - a for i, (a, b) in enumerate(units) if i in skip)
-    bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True,
-               disable=not _show_progress(progress, plan), desc="chunkjac", dynamic_ncols=True)
+    # No bar object at all when none is shown: a training loop calls this every step.
+    bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True, desc="chunkjac",
+               dynamic_ncols=True) if _show_progress(progress, plan) else _NoBar()
     backed_off = False
     # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running
     # statistics in training mode) are put back, however many chunks and passes the plan runs.
@@ -146,6 +148,11 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     jacs = sink.jacobians()
     result = jacs[0] if spec.single else tuple(jacs)
     return (result, sink.outputs()) if spec.return_outputs else result
+
+
+class _NoBar(contextlib.nullcontext):
+    def update(self, n: int) -> None:
+        pass
 
 
 def _next_piece(plan: Plan, size: int, stop: int, u1: int, todo: list, k: int):

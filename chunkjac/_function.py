@@ -177,6 +177,23 @@ def reachable_state(fn, depth: int = 3) -> list:
     return found
 
 
+@contextlib.contextmanager
+def preserved_buffers(fn):
+    """Undo in-place buffer updates (BatchNorm's running statistics) that forwards would leave in
+    every module fn is or reaches (a module held by a closure included). Only buffers that changed
+    are written back: a write moves the version counter, which the caches key on. (batch_norm updates
+    its statistics without moving it, so values are compared too.)"""
+    saved = [(b, b.detach().clone(), b._version if not b.is_inference() else 0)
+             for _, v in reachable_state(fn) if isinstance(v, nn.Module) for b in v.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v, version in saved:
+                if (not b.is_inference() and b._version != version) or not torch.equal(b, v):
+                    b.copy_(v)
+
+
 def working_dtypes(spec: Spec, dtype: torch.dtype) -> set:
     """The float dtypes in play besides ``dtype`` (the output's): the inputs', and those of the
     modules and tensors fn is or reaches. A float32 model with a float64 output rounds like float32."""

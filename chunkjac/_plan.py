@@ -335,6 +335,7 @@ def _round_up(nbytes: float) -> str:
 # fitted to the forward-and-one-product time (the plan says so): an order of magnitude, enough to
 # refuse 10^6 coupled samples, not a schedule.
 KMAX = 64
+KTRY = 8
 TIE = 0.05  # predicted times this close count as equal (see make_plan)
 VECTORISE_GAIN = 0.8  # more pairs per call must be this much cheaper per pair (timings are noisy)
 PROBE_MAX = 4096
@@ -368,10 +369,10 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
         c = coupling.colours_at(0, n)
         return 1 if c is None else int(c.max()) + 1
 
-    def step(n: int, k: int, calls: int):
+    def step(n: int, k: int, calls: int, repeats: int = 2, memory: bool = True):
         c = coupling.colours_at(0, n)
-        return cache.get(key + ("step", modes, n, k, calls), spec.fn,
-                         lambda: measure_step(spec, with_k(k), n, c, calls))
+        return cache.get(key + ("step", modes, n, k, calls, repeats, memory), spec.fn,
+                         lambda: measure_step(spec, with_k(k), n, c, calls, repeats, memory))
 
     share = margin(device) * budget_bytes
     unit = coupling.unit
@@ -402,7 +403,9 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
                 raise
     fits = {}
     for n in sizes:
-        (m1, t1), (_, t5), (m2, _) = step(n, 1, 1), step(n, 1, 5), step(n, min(2, colours_in(n) * width), 1)
+        # Each measurement only what it is for: every run is a forward and O(n) products over the set.
+        (m1, t1), (_, t5) = step(n, 1, 1), step(n, 1, 5, memory=False)
+        m2 = step(n, min(2, colours_in(n) * width), 1, repeats=0)[0]
         # Per call over four calls (a quarter of the noise of one difference), and at least a quarter
         # of the forward plus one call: a backward product costs about as much as a forward, and a
         # difference of short timings can come out near zero.
@@ -433,9 +436,12 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     k_fit = int(max(1, min(pairs, KMAX, (share - base_mem) // per_k if per_k > 0 else pairs)))
     k, per_pair = 1, t_call
     if k_fit > 1 and not extrapolated and not torch.are_deterministic_algorithms_enabled():
-        t_k = step(n0, k_fit, 1)[1] - t_fwd
-        if t_k / k_fit < VECTORISE_GAIN * per_pair:  # vectorise only where it clearly pays
-            k, per_pair = k_fit, t_k / k_fit
+        # Vectorising pairs pays (or not) by the first few: try at most KTRY, once, time only; a try
+        # of KMAX pairs over 1,024 attention samples cost a quarter of the run it planned.
+        k_try = min(k_fit, KTRY)
+        t_k = step(n0, k_try, 1, repeats=1, memory=False)[1] - t_fwd
+        if t_k / k_try < VECTORISE_GAIN * per_pair:  # vectorise only where it clearly pays
+            k, per_pair = k_try, t_k / k_try
     # Chunks of several coupled sets: scale linearly from the measured chunk, within the budget.
     size = n_chunk
     if not extrapolated and unit < spec.batch_size:

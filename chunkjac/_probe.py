@@ -8,7 +8,6 @@ Both are cached in a :class:`ProbeCache` so that a second call does not probe ag
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -23,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ._errors import is_out_of_memory
-from ._function import call, chunk_args, select
+from ._function import call, chunk_args, preserved_buffers, select
 from ._memory import measure_peak
 from ._inputs import Source
 from ._spec import Spec
@@ -42,21 +41,6 @@ class Probe:
     @property
     def out_numel(self) -> int:
         return math.prod(self.out_shape)
-
-
-@contextlib.contextmanager
-def preserved_buffers(fn):
-    """Undo in-place buffer updates (BatchNorm running stats) that a probe forward would leave behind."""
-    if not isinstance(fn, nn.Module):
-        yield
-        return
-    saved = [(b, b.detach().clone()) for b in fn.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 def _forward_saving(spec: Spec, n: int) -> tuple[torch.Tensor, int]:
@@ -317,19 +301,24 @@ class ProbeCache:
                 *extra)
 
     def get(self, key, fn, compute, every: int | None = None):
-        """The cached value for ``key`` (whose first item is fn's identity), computed on a miss, and
-        computed again at every ``every``-th use when ``every`` is given (None or 0: never)."""
+        """The cached value for ``key`` (whose first item is fn's identity), computed on a miss.
+
+        With ``every``, the value is computed again after 1, 2, 4, ... uses, the gap doubling up to
+        ``every`` and staying there: often while a training run is young (a zero-initialised gate
+        leaves zero at the first optimizer step), then every ``every`` uses (None or 0: never)."""
         anchors = _anchors(fn)
         entry = self._entries.get(key)
+        gap = 1
         # The same objects, not new ones at reused ids.
         if entry is not None and len(entry[0]) == len(anchors) and all(r() is a for r, a in zip(entry[0], anchors)):
             entry[2] += 1
-            if not every or entry[2] < every:
+            if not every or entry[2] < entry[3]:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry[1]
+            gap = min(2 * entry[3], every)
         value = compute()
-        self._entries[key] = [[_ref(a) for a in anchors], value, 0]
+        self._entries[key] = [[_ref(a) for a in anchors], value, 0, min(gap, every or 1)]
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return value
@@ -339,9 +328,11 @@ class ProbeCache:
         self.hits = 0
 
 
-def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2) -> tuple[float, float]:
+def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2,
+                 memory: bool = True) -> tuple[float, float]:
     """(peak bytes, best seconds) of a coupled chunk of the first n samples cut short after ``calls``
-    batched products: a forward and ``calls`` products of ``plan.rows_per_vjp`` (cols_per_jvp) pairs."""
+    batched products: a forward and ``calls`` products of ``plan.rows_per_vjp`` (cols_per_jvp) pairs.
+    ``memory=False`` skips the peak (0), ``repeats=0`` the time (inf): each run is a full forward."""
     from ._strategies import STRATEGIES
     quiet = dataclasses.replace(spec, return_outputs=False)
     small = dataclasses.replace(plan, batch_size=n, chunk_size=n)
@@ -350,9 +341,11 @@ def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2
     def work():
         return STRATEGIES[plan.strategy](quiet, small, args, n, colours, calls)
 
+    peak = 0
     with preserved_buffers(spec.fn):
-        peak, result = measure_peak(work, plan.device)
-        del result
+        if memory:
+            peak, result = measure_peak(work, plan.device)
+            del result
         best = best_seconds(work, plan.device, repeats)
     return float(peak), best
 

@@ -494,6 +494,16 @@ def test_structure_key_sees_inputs_code_and_integer_values():
     assert detect.structure_key(spec_of(f, (x.T, ids), in_dims=(1, 0))) != k0  # in_dims
     g = lambda v, i: v * i[:, None] + v.mean(0)  # noqa: E731
     assert detect.structure_key(spec_of(g, (x, ids))) != k0  # code
+
+    def outer(helper, dim):
+        return lambda v: helper(v, dim)
+
+    same = outer(torch.softmax, -1)
+    assert detect.structure_key(spec_of(same, x)) == detect.structure_key(spec_of(outer(torch.softmax, -1), x))
+    assert detect.structure_key(spec_of(same, x)) != detect.structure_key(spec_of(outer(torch.softmax, 0), x))
+    assert detect.structure_key(spec_of(same, x)) != detect.structure_key(spec_of(outer(torch.cumsum, -1), x))
+    assert detect.structure_key(spec_of(outer(lambda v, d: v * d, 1), x)) != \
+        detect.structure_key(spec_of(outer(lambda v, d: v + d, 1), x))  # the code of a closed-over function
     ids.add_(0)  # an in-place write to an integer input
     assert detect.structure_key(spec_of(f, (x, ids))) != k0
 

@@ -160,3 +160,11 @@ def test_planning_many_products_is_bounded():
     t = time.perf_counter()
     chunkjac.plan(m, x, wrt="1.weight")
     assert time.perf_counter() - t < 30
+
+
+def test_buffers_of_a_module_held_by_a_closure_are_left_as_they_were():
+    bn = nn.BatchNorm1d(3).double().train()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    chunkjac.compute(lambda z: bn(z), torch.randn(40, 3, dtype=D), coupling="unsplittable")
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k

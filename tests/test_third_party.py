@@ -68,9 +68,6 @@ def test_pyg_conv_on_small_graph_is_exact_and_warns(conv):
     torch.testing.assert_close(j, diag_blocks(lambda z: layer(z, ei), x), rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.xfail(reason="the coupling check runs fn on the first 64 nodes with the whole graph's edge_index, "
-                          "fn fails there and chunkjac refuses (FnError) instead of treating the samples as "
-                          "coupled; its message does not suggest coupling='coupled'", strict=False)
 def test_pyg_gcn_on_more_nodes_than_the_check_window_is_exact():
     pyg = pytest.importorskip("torch_geometric.nn")
     layer = pyg.GCNConv(4, 3).double()
