@@ -32,40 +32,27 @@ probe_cache = ProbeCache()
 MAX_SECONDS = 3600.0
 
 
-def _resolve_coupling(spec: Spec) -> Coupling:
-    """coupling="auto": run the check (see _detect), cached with the probe; warn when samples interact."""
+def _resolve_coupling(spec: Spec) -> tuple[Coupling, str | None]:
+    """coupling="auto": run the check (see _detect); the coupling, and the CouplingWarning's text when
+    the check leaves the sum trick."""
     if spec.coupling != "auto":
-        return spec.coupling
+        return spec.coupling, None
     if not any(t.numel for t in spec.targets):  # an empty Jacobian: no entry to be coupled
-        return independent(spec.batch_size, "the Jacobian is empty")
-    # NOTE: [When the verdict is checked again]
-    # The verdict is kept while fn's structure stays (its code, module classes, training flags, hooks,
-    # tensor names/shapes/dtypes/devices and the inputs' shapes: see structure_key), not its values:
-    # an optimizer step changes every parameter in place, and re-running the check then would tax
-    # every training step (2.5x a hand-written step, measured). Values could only change the verdict
-    # through their values (a gate initialised at zero decouples the samples until the first step
-    # moves it); against those the check runs again after 1, 2, 4, 8, ... calls with the same
-    # structure, the gap doubling up to probe_cache.recheck_every (default 100) and staying there:
-    # about 7 checks in a run's first 100 steps, then 1% of the steps. probe_cache.recheck_every = 1
-    # checks at every call.
-    key = probe_cache.key(spec, str(spec.device), "coupling", spec.batch_size, structure_key(spec))
-    found = probe_cache.get(key, spec.fn, lambda: check_coupling(spec), every=probe_cache.recheck_every)
+        return independent(spec.batch_size, "the Jacobian is empty"), None
+    found = check_coupling(spec)
     b = spec.batch_size
     if found.derivatives:
-        warnings.warn(CouplingWarning(
+        return coupled(b, found.reason), (
             f"chunkjac: samples interact: {found.reason}. The sum trick would be wrong, so chunkjac computes "
             f"the exact per-sample blocks as coupled samples: one forward over all {b:,} samples and a product "
             f"per (sample, row); chunkjac.plan(...) shows the cost. If only some samples interact, pass "
-            "coupling=<group ids> or a dependency structure (much faster); coupling='coupled' silences this."),
-            stacklevel=4)
-        return coupled(b, found.reason)
+            "coupling=<group ids> or a dependency structure (much faster); coupling='coupled' silences this.")
     if not found.splittable:
-        warnings.warn(CouplingWarning(
+        return unsplittable(b, found.reason), (
             f"chunkjac: the forward pass mixes samples: {found.reason}. The derivatives w.r.t. wrt are "
             f"per-sample, so the sum trick is exact, but only on the whole batch: chunkjac runs all {b:,} samples "
-            "as one chunk. coupling='unsplittable' silences this."), stacklevel=4)
-        return unsplittable(b, found.reason)
-    return independent(b, found.reason)
+            "as one chunk. coupling='unsplittable' silences this.")
+    return independent(b, found.reason), None
 
 
 def _versions(inputs) -> list:
@@ -96,8 +83,49 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
         raise ValueError(f"chunkjac: max_seconds must be a positive number or None, got {max_seconds!r}.")
     if given is not None:
         return _pinned(spec, given)
+    # NOTE: [When the verdict is checked again]
+    # What a call decides (the coupling verdict, the forward-mode cross-check, the plan) is kept while
+    # fn's structure stays (its code, module classes, training flags, hooks, tensor names/shapes/
+    # dtypes/devices and the inputs' shapes: see structure_key), not its values: an optimizer step
+    # changes every parameter in place, and deciding again then would tax every training step (2.5x
+    # a hand-written step, measured). Values could only change the verdict through data-dependent
+    # paths (a gate initialised at zero decouples the samples until the first step moves it); against
+    # those everything is decided again after 1, 2, 4, 8, ... calls with the same structure, the gap
+    # doubling up to probe_cache.recheck_every (default 100) and staying there: about 7 checks in a
+    # run's first 100 steps, then 1% of the steps. probe_cache.recheck_every = 1 decides at every call.
+    # With budget=None (half the free memory) the chunk size is likewise decided at those calls.
+    key = probe_cache.key(spec, str(spec.device), "call", structure_key(spec), spec.batch_size, spec.mode,
+                          _argument_key(coupling), repr(budget), chunk_size, max_seconds)
+    coupling, mode, p, warning = probe_cache.get(
+        key, spec.fn, lambda: _decide(spec, budget, chunk_size, max_seconds), every=probe_cache.recheck_every)
+    if warning is not None:
+        warnings.warn(CouplingWarning(warning), stacklevel=4)
+    spec = dataclasses.replace(spec, coupling=coupling, mode=mode)
+    if return_outputs and p.num_chunks > 1 and not p.batched_outputs:
+        raise ValueError(
+            f"chunkjac: return_outputs=True, but fn returns a tensor without the batch in its leading dim, "
+            f"and the plan runs {p.num_chunks} chunks, each giving its own value for it. Return per-sample "
+            "tensors only, or leave return_outputs=False and compute that output separately.")
+    return spec, p
+
+
+def _argument_key(v) -> tuple:
+    """A coupling argument as a cache key: a string as itself, a tensor or array by identity and
+    in-place version (a new edge_index, or one edited in place, decides again)."""
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, (torch.Tensor, np.ndarray)):  # by content: a new tensor may reuse a freed one's id
+        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) and v.layout == torch.strided else v
+        if isinstance(a, np.ndarray):
+            return (type(v).__name__, a.shape, str(a.dtype), hash(np.ascontiguousarray(a).tobytes()))
+    return (type(v).__name__, id(v))
+
+
+def _decide(spec: Spec, budget, chunk_size, max_seconds) -> tuple[Coupling, str, Plan, str | None]:
+    """(coupling, mode, plan, warning text): the coupling check, the plan, the forward-mode check."""
     budget_bytes = parse_budget(budget, free_bytes(spec.device))
-    spec = dataclasses.replace(spec, coupling=_resolve_coupling(spec))
+    coupling, warning = _resolve_coupling(spec)
+    spec = dataclasses.replace(spec, coupling=coupling)
     try:
         p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
     except FnError as e:
@@ -114,12 +142,7 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
         # reverse mode gives these derivatives exactly: plan that instead.
         spec = dataclasses.replace(spec, mode="reverse")
         p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
-    if return_outputs and p.num_chunks > 1 and not p.batched_outputs:
-        raise ValueError(
-            f"chunkjac: return_outputs=True, but fn returns a tensor without the batch in its leading dim, "
-            f"and the plan runs {p.num_chunks} chunks, each giving its own value for it. Return per-sample "
-            "tensors only, or leave return_outputs=False and compute that output separately.")
-    return spec, p
+    return spec.coupling, spec.mode, p, warning
 
 
 def _guarded(api):
@@ -188,20 +211,14 @@ def _make_plan(spec: Spec, budget_bytes: int, chunk_size, max_seconds) -> Plan:
 
 
 def _forward_verdict(spec: Spec, p: Plan) -> ForwardModeMismatch | None:
-    """The cross-check of a forward-mode plan (see _check), cached like the coupling verdict: its
-    answer cannot change while fn's structure does not (see [When the verdict is checked again])."""
+    """The cross-check of a forward-mode plan (see _check): None, or the disagreement."""
     if "forward" not in p.modes:
         return None
-
-    def verdict():
-        try:
-            check_forward_mode(spec, p)
-        except ForwardModeMismatch as e:
-            return e
-        return None
-
-    key = probe_cache.key(spec, str(spec.device), "forward-check", p.modes, p.cols_per_jvp, structure_key(spec))
-    return probe_cache.get(key, spec.fn, verdict, every=probe_cache.recheck_every)
+    try:
+        check_forward_mode(spec, p)
+    except ForwardModeMismatch as e:
+        return e
+    return None
 
 
 def _pinned(spec: Spec, given) -> tuple[Spec, Plan]:

@@ -148,8 +148,11 @@ def _whole(spec: Spec, e: FnError) -> Finding:
             "the whole batch (a graph layer whose shared edge_index names every node), pass coupling=<that "
             "edge_index> or group ids (chunkjac then runs the forward on the whole batch and extracts by "
             "colours), or coupling='coupled' / 'unsplittable'.") from e.__cause__
-    with preserved_buffers(spec.fn):
-        return _check(spec, spec.batch_size)
+    try:
+        with preserved_buffers(spec.fn):
+            return _check(spec, spec.batch_size)
+    except FnError:
+        raise e from e.__cause__  # fn fails on the whole batch too: its first failure says it
 
 
 def _check(spec: Spec, m: int) -> Finding:

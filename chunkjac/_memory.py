@@ -5,6 +5,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 import warnings
 
 import psutil
@@ -24,9 +25,25 @@ def _nvml_free(index: int) -> int | None:
         return None
 
 
+FREE_TTL = 1.0  # seconds a reading of free memory is reused (see free_bytes)
+_free_readings: dict[str, tuple[float, int]] = {}  # device -> (monotonic time, bytes): an explicit cache
+
+
 def free_bytes(device: torch.device) -> int:
     """Memory chunkjac may use on ``device`` now: the host's available RAM, or the GPU's free memory
-    plus what PyTorch's caching allocator holds but does not use."""
+    plus what PyTorch's caching allocator holds but does not use. A reading is reused for FREE_TTL
+    seconds: reading /proc/meminfo (or NVML) costs about a millisecond, a tax on every call of a
+    training loop, while the budget it feeds only needs to be right to the second."""
+    now = time.monotonic()
+    last = _free_readings.get(str(device))
+    if last is not None and now - last[0] < FREE_TTL:
+        return last[1]
+    free = _read_free(device)
+    _free_readings[str(device)] = (now, free)
+    return free
+
+
+def _read_free(device: torch.device) -> int:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         free, _ = torch.cuda.mem_get_info(index)
