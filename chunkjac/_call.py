@@ -17,7 +17,7 @@ from ._budget import parse_budget
 from ._check import check_forward_mode
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._function import FnError
-from ._detect import check as check_coupling, structure_key
+from ._detect import check as check_coupling, state_key, structure_key
 from ._dump import open_output
 from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, passes_through
 from ._executor import execute
@@ -90,14 +90,17 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     # changes every parameter in place, and deciding again then would tax every training step (2.5x
     # a hand-written step, measured). Values could only change the verdict through data-dependent
     # paths (a gate initialised at zero decouples the samples until the first step moves it); against
-    # those everything is decided again after 1, 2, 4, 8, ... calls with the same structure, the gap
-    # doubling up to probe_cache.recheck_every (default 100) and staying there: about 7 checks in a
-    # run's first 100 steps, then 1% of the steps. probe_cache.recheck_every = 1 decides at every call.
+    # those everything is decided again after 1, 2, 4, 8, ... calls with the same structure and new
+    # values (state_key: the tensors' in-place versions; calls on unchanged values cannot change the
+    # answer and do not count), the gap doubling up to probe_cache.recheck_every (default 100) and
+    # staying there: about 7 checks in a run's first 100 steps, then 1% of the steps.
+    # probe_cache.recheck_every = 1 decides at every call with new values.
     # With budget=None (half the free memory) the chunk size is likewise decided at those calls.
     key = probe_cache.key(spec, str(spec.device), "call", structure_key(spec), spec.batch_size, spec.mode,
                           _argument_key(coupling), repr(budget), chunk_size, max_seconds)
     coupling, mode, p, warning = probe_cache.get(
-        key, spec.fn, lambda: _decide(spec, budget, chunk_size, max_seconds), every=probe_cache.recheck_every)
+        key, spec.fn, lambda: _decide(spec, budget, chunk_size, max_seconds), every=probe_cache.recheck_every,
+        state=state_key(spec))
     if warning is not None:
         warnings.warn(CouplingWarning(warning), stacklevel=4)
     spec = dataclasses.replace(spec, coupling=coupling, mode=mode)

@@ -35,6 +35,7 @@ import torch
 from ._budget import format_bytes
 from ._coupling import Coupling, describe
 from ._errors import BudgetError, RandomFunctionError, is_out_of_memory
+from ._function import preserved_buffers
 from ._probe import Measurement, Probe, ProbeCache, measure_memory, measure_time, probe
 from ._spec import Spec
 
@@ -298,11 +299,35 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
         # Candidates within TIE of the fastest are equal within the timing noise: take the first in
         # candidate order, so that the same call gets the same plan (and bit-identical results).
         best = min(t[0] for t in timed)
-        seconds, plan, m, n = next(t for t in timed if t[0] <= (1 + TIE) * best)
+        chosen = next(t for t in timed if t[0] <= (1 + TIE) * best)
+        if chosen is not timed[0]:
+            key_duel = key + ("duel", chosen[1].modes, chosen[1].rows_per_vjp, chosen[1].cols_per_jvp)
+            if not cache.get(key_duel, spec.fn, lambda: _confirmed(spec, timed[0], chosen)):
+                chosen = timed[0]
+        seconds, plan, m, n = chosen
     else:  # one candidate, or a batch too small for timing to pay: the count rule's first choice
         (plan, m, n, _), seconds = fitted[0], None
     return dataclasses.replace(plan, chunk_size=n, peak_bytes=int(m.peak(n)), seconds=seconds,
                                budget_bytes=budget_bytes, batched_outputs=p.batched_outputs)
+
+
+DUEL_ROUNDS = 3
+DUEL_MAX = 8192
+
+
+def _confirmed(spec: Spec, first, challenger) -> bool:
+    """Whether ``challenger`` beats the count rule's ``first`` candidate side by side: both run on the
+    same chunk, interleaved, best of DUEL_ROUNDS each. Timed one after the other, the first candidate
+    measured pays for the cold allocator and caches, and on this 2-core machine that flipped the
+    choice between runs (seq 5->2->10: forward mode won the fit and then ran 2x slower)."""
+    from ._probe import _run, best_seconds
+    n = max(1, min(first[3], challenger[3], DUEL_MAX))
+    best = {0: float("inf"), 1: float("inf")}
+    with preserved_buffers(spec.fn):
+        for _ in range(DUEL_ROUNDS):
+            for k, (_, plan, _, _) in enumerate((first, challenger)):
+                best[k] = min(best[k], best_seconds(lambda: _run(spec, plan, n), plan.device, 1))
+    return best[1] * (1 + TIE) < best[0]
 
 
 def _fits(m: Measurement, budget_bytes: int, batch_size: int, share: float) -> int:

@@ -300,25 +300,29 @@ class ProbeCache:
         return (_identity(spec.fn), args, spec.in_dims, targets, repr(spec.output), spec.create_graph, state,
                 *extra)
 
-    def get(self, key, fn, compute, every: int | None = None):
+    def get(self, key, fn, compute, every: int | None = None, state=None):
         """The cached value for ``key`` (whose first item is fn's identity), computed on a miss.
 
-        With ``every``, the value is computed again after 1, 2, 4, ... uses, the gap doubling up to
-        ``every`` and staying there: often while a training run is young (a zero-initialised gate
-        leaves zero at the first optimizer step), then every ``every`` uses (None or 0: never)."""
+        With ``every``, the value is computed again after 1, 2, 4, ... uses with another ``state``
+        than the last (uses in the same state cannot change the answer and are not counted), the gap
+        doubling up to ``every`` and staying there: often while a training run is young (a
+        zero-initialised gate leaves zero at the first optimizer step), then every ``every`` changes
+        (None or 0: never)."""
         anchors = _anchors(fn)
         entry = self._entries.get(key)
         gap = 1
         # The same objects, not new ones at reused ids.
         if entry is not None and len(entry[0]) == len(anchors) and all(r() is a for r, a in zip(entry[0], anchors)):
-            entry[2] += 1
+            if every and state != entry[4]:
+                entry[2] += 1
+                entry[4] = state
             if not every or entry[2] < entry[3]:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry[1]
             gap = min(2 * entry[3], every)
         value = compute()
-        self._entries[key] = [[_ref(a) for a in anchors], value, 0, min(gap, every or 1)]
+        self._entries[key] = [[_ref(a) for a in anchors], value, 0, min(gap, every or 1), state]
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return value
