@@ -279,8 +279,9 @@ def compute(
         mode: ``"reverse"`` (one batched VJP per per-sample output element), ``"forward"`` (one
             batched JVP per per-sample input element) or ``"auto"``: the faster of the two, measured
             on small chunks. Shared tensors (parameters, unbatched inputs) always use forward mode.
-        coupling: which samples interact. ``"auto"`` (default) checks on the first 64 samples and warns
-            (CouplingWarning) when it leaves the sum trick; ``"independent"`` asserts no interaction;
+        coupling: which samples interact. ``"auto"`` (default) checks three windows of 64 samples
+            (first, middle, last; see [When the verdict is checked again] for when it re-checks) and
+            warns (CouplingWarning) when it leaves the sum trick; ``"independent"`` asserts no interaction;
             ``"coupled"``: all samples may interact; ``"unsplittable"``: per-sample derivatives, but
             the forward pass needs the whole batch; a (B,) tensor of group ids; a (2, E) edge index,
             sparse (B, B) adjacency or neighbour lists. Cost grows with the colours (see _coupling).

@@ -335,7 +335,7 @@ def _window(spec: Spec, start: int, m: int, wide: bool, floor: float) -> _Window
     """Both checks on samples [start, start + m); in float64 if ``wide``."""
     with _float64(spec) if wide else contextlib.nullcontext():
         deriv, through, random, dropped = _derivatives(spec, start, m, wide, floor)
-        values = _values(spec, start, m, wide, floor, random)
+        values = _values(spec, start, m, wide, floor, random, bool(deriv))
     return _Window(deriv, through, values, random, dropped)
 
 
@@ -528,7 +528,7 @@ def _pick(spec: Spec, out):
         return None
 
 
-def _values(spec: Spec, start: int, m: int, wide: bool, floor: float, random: bool) -> str:
+def _values(spec: Spec, start: int, m: int, wide: bool, floor: float, random: bool, coupled: bool) -> str:
     h = m // 2
     splits = [(0, h), (h, m)] + _uneven(m)
 
@@ -551,7 +551,9 @@ def _values(spec: Spec, start: int, m: int, wide: bool, floor: float, random: bo
         except Exception as e:  # noqa: BLE001 - any failure on a part means chunks cannot run
             why = _cause(e)
             return f"fn fails on a part of the batch ({b - a} of {m} samples): {type(why).__name__}: {why}"
-        _check_rows(spec, _pick(spec, part), start + a, start + b, m)
+        rows = _check_rows(spec, _pick(spec, part), start + a, start + b, m, coupled)
+        if rows:
+            return rows
         parts.append(((a, b), part))
     if random:
         return ""  # two runs would not draw the same numbers: only the shape is checked
@@ -562,12 +564,18 @@ def _values(spec: Spec, start: int, m: int, wide: bool, floor: float, random: bo
     return ""
 
 
-def _check_rows(spec: Spec, y, a: int, b: int, m: int) -> None:
-    """The output to differentiate holds the samples of a part in its leading dim. On a window of m
-    it passed select, but that can be a coincidence: a time-major RNN's (T, B, H) with T = m."""
+def _check_rows(spec: Spec, y, a: int, b: int, m: int, coupled: bool) -> str:
+    """Whether the output to differentiate holds the samples of a part in its leading dim. On the
+    window of m it passed select, but that can be a coincidence: a time-major RNN's (T, B, H) with
+    T = m. Where the window's derivatives are per-sample (y_i depends on x_i alone), its leading dim
+    does hold the samples, and only the whole batch can be run (a shared input with one row per
+    sample: addmm's bias): that is said, for an unsplittable run. Otherwise it is refused."""
     n = b - a
     if isinstance(y, torch.Tensor) and not (y.dim() and y.shape[0] == n):
         where = "fn's output" if spec.output is None else f"fn's output[{spec.output!r}]"
+        if not coupled:
+            return (f"{where} has shape {tuple(y.shape)} for a part of {n} samples: its leading dim follows "
+                    f"the samples on the whole batch only (a shared input with one row per sample?)")
         raise ValueError(
             f"chunkjac: {where} has shape {tuple(y.shape)} for a part of {n} samples (samples [{a}, {b})), but "
             f"its leading dim must hold the samples: chunkjac runs fn on parts of the batch. On {m} samples "

@@ -326,7 +326,12 @@ def _confirmed(spec: Spec, first, challenger) -> bool:
     with preserved_buffers(spec.fn):
         for _ in range(DUEL_ROUNDS):
             for k, (_, plan, _, _) in enumerate((first, challenger)):
-                best[k] = min(best[k], best_seconds(lambda: _run(spec, plan, n), plan.device, 1))
+                try:
+                    best[k] = min(best[k], best_seconds(lambda: _run(spec, plan, n), plan.device, 1))
+                except Exception as e:  # the memory fit was optimistic: the count rule's order stands
+                    if not is_out_of_memory(e):
+                        raise
+                    return False
     return best[1] * (1 + TIE) < best[0]
 
 

@@ -168,3 +168,15 @@ def test_buffers_of_a_module_held_by_a_closure_are_left_as_they_were():
     chunkjac.compute(lambda z: bn(z), torch.randn(40, 3, dtype=D), coupling="unsplittable")
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_shared_input_with_one_row_per_sample_runs_the_whole_batch_exactly():
+    # addmm's bias of B rows passed as shared: fn runs only on the whole batch, and its derivatives
+    # are per-sample, so the answer is exact on one chunk (an LSTM in time-major is refused instead).
+    m1, m2 = torch.randn(6, 2, dtype=D), torch.randn(2, 3, dtype=D)
+    z = torch.randn(6, 3, dtype=D)
+    fn = lambda z: torch.addmm(z, m1, m2)  # noqa: E731
+    with pytest.warns(chunkjac.CouplingWarning, match="only on the whole batch"):
+        J = chunkjac.compute(fn, z)
+    full = torch.autograd.functional.jacobian(fn, z)
+    torch.testing.assert_close(J, torch.stack([full[i, :, i] for i in range(6)]))
