@@ -1,6 +1,6 @@
 """Coupled samples: chunkjac.compute against what users write today, in one interleaved run.
 
-Workloads (float32, 2 threads, the models of ../shared/bench/peers.py):
+Workloads (float32, 2 threads, the models of the project's reference peer measurements):
   attention_1024x3   attention across a batch of 1024 samples of dim 3 (every sample coupled);
   groups_1e5_of_32   the same attention within contiguous groups of 32, 10^5 samples.
 Each (workload, method) runs in a fresh subprocess: one warm-up (and the error check against a
@@ -41,7 +41,7 @@ torch.manual_seed(0)
 kind, B, method, reps, budget, limited = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1"
 warnings.simplefilter("ignore")
 
-class Attn(nn.Module):  # ../shared/bench/peers.py's model; g: attention within contiguous groups of g
+class Attn(nn.Module):  # the reference measurements' attention model; g: attention within contiguous groups of g
     def __init__(s, d=3, h=8, g=None):
         super().__init__(); s.g = g; s.q, s.k, s.v = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(d, d)
     def forward(s, x):

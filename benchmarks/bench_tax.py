@@ -2,7 +2,7 @@
 
 For each workload, one fresh process builds the model and inputs, makes one warm-up call of every
 method (chunkjac plans then, and its plan is cached), then times ROUNDS interleaved rounds (every
-method once per round, in turn) and reports the median. The ratio is chunkjac's median over the
+method once per round, in an order that rotates from round to round) and reports the median. The ratio is chunkjac's median over the
 fastest peer's: only ratios measured side by side count on a noisy machine. Peers are those of the
 anchors table (what users write today), each checked equal to chunkjac on the first 64 samples.
 
@@ -86,9 +86,10 @@ for name, m in methods.items():  # warm-up (chunkjac plans here), and every meth
     else:
         assert torch.allclose(r, ref, rtol=1e-4, atol=1e-5), (name, (r - ref).abs().max().item())
 times = {name: [] for name in methods}
-for _ in range(rounds):
-    for name, m in methods.items():
-        t = time.perf_counter(); m(); times[name].append(time.perf_counter() - t)
+order = list(methods)
+for r in range(rounds):  # the order rotates each round: no method always follows the same one
+    for name in order[r % len(order):] + order[:r % len(order)]:
+        t = time.perf_counter(); methods[name](); times[name].append(time.perf_counter() - t)
 med = {name: statistics.median(ts) for name, ts in times.items()}
 peers = {k: v for k, v in med.items() if k != "chunkjac"}
 best = min(peers, key=peers.get)

@@ -5,7 +5,7 @@
 MODEL: pinn256 (3 -> 256x3 -> 3, tanh) or wide (784 -> 256 -> 10, ReLU). Prints one JSON line: the
 plan, the peak RSS growth during the call (sampled every 0.5 ms), the result's size, and the slack
 ``peak - budget - result``. Unless --cold, a tiny call first loads the code paths chunkjac uses
-(PyTorch's vmap and dispatch-mode machinery, ~100 MB of code and metadata loaded once per process),
+(PyTorch's vmap, forward-AD and profiler machinery, ~100 MB of code and metadata loaded once per process),
 so that the figure is what the call itself allocates.
 """
 import json

@@ -115,7 +115,8 @@ def _shared(a: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _resolve_device(device, fn, home: torch.device) -> torch.device:
     """``device`` if given, else where fn's parameters are, else where the batched inputs are."""
-    params = [p.device for p in fn.parameters()] if isinstance(fn, nn.Module) else []
+    first = next(iter(fn.parameters()), None) if isinstance(fn, nn.Module) else None
+    params = [] if first is None else [first.device]
     if device is None:
         return params[0] if params else home
     try:

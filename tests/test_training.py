@@ -114,3 +114,21 @@ def test_deterministic_algorithms_choose_the_plan_without_timing():
     finally:
         torch.use_deterministic_algorithms(False)
     assert a.seconds is None and a == b
+
+
+def test_nested_calls_give_second_derivatives():
+    # A chunkjac call inside fn: the outer forward-mode candidate cannot run it (requires_grad_ inside
+    # torch.func.jvp) and is passed over; reverse mode over the inner create_graph result is exact.
+    u = pinn(4, torch.float64)
+    x = torch.rand(64, 2, dtype=torch.float64)
+    ux = lambda z: chunkjac.compute(u, z, create_graph=True)[:, 0]  # noqa: E731
+    H = chunkjac.compute(ux, x, create_graph=True)
+    ref = vmap(torch.func.hessian(lambda v: u(v)[0]))(x)
+    torch.testing.assert_close(H, ref)
+    H.diagonal(dim1=1, dim2=2).sum().backward()  # a loss on u_xx + u_yy reaches the parameters
+    v = copy.deepcopy(u)
+    for q in v.parameters():
+        q.grad = None
+    ref_loss = vmap(torch.func.hessian(lambda z: v(z)[0]))(x).diagonal(dim1=1, dim2=2).sum()
+    ref_loss.backward()
+    torch.testing.assert_close(u[0].weight.grad, v[0].weight.grad)
