@@ -23,7 +23,7 @@ from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, passes_
 from ._executor import execute
 from ._memory import free_bytes
 from ._plan import Plan, make_coupled_plan, make_plan
-from ._probe import ProbeCache
+from ._probe import ProbeCache, _identity
 from ._spec import Spec, normalize
 
 probe_cache = ProbeCache()
@@ -96,8 +96,10 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     # staying there: about 7 checks in a run's first 100 steps, then 1% of the steps.
     # probe_cache.recheck_every = 1 decides at every call with new values.
     # With budget=None (half the free memory) the chunk size is likewise decided at those calls.
-    key = probe_cache.key(spec, str(spec.device), "call", structure_key(spec), spec.batch_size, spec.mode,
-                          _argument_key(coupling), repr(budget), chunk_size, max_seconds)
+    # structure_key holds fn's modules, the inputs' layout and in_dims: the rest is the call's options.
+    key = (_identity(spec.fn), "call", str(spec.device), structure_key(spec), spec.batch_size, spec.mode,
+           tuple((t.kind, t.index, t.name) for t in spec.targets), repr(spec.output), spec.create_graph,
+           _argument_key(coupling), repr(budget), chunk_size, max_seconds)
     coupling, mode, p, warning = probe_cache.get(
         key, spec.fn, lambda: _decide(spec, budget, chunk_size, max_seconds), every=probe_cache.recheck_every,
         state=state_key(spec))

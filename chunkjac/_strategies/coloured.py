@@ -101,7 +101,17 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
     if colours is not None:
         return _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, retain, on_call)
     blocks: list[list] = [[] for _ in prims]
-    if y.requires_grad and rows:
+    if y.requires_grad and rows == 1 and (calls is None or calls >= 1):
+        # One output element per sample (a PINN's u, a per-sample loss): one VJP whose cotangent is
+        # ones, its gradient (n, *in) reshaped, no block bookkeeping (a training loop's hot path).
+        gs = torch.autograd.grad(yf, prims, torch.ones_like(yf), retain_graph=create or retain, create_graph=create,
+                                 allow_unused=True)
+        for b, g, x, d in zip(blocks, gs, prims, dims):
+            g = torch.zeros_like(x) if g is None else g
+            b.append((g if d == 0 else g.movedim(d, 0)).to(y.dtype).unsqueeze(1))  # (n, 1, *in)
+        if on_call is not None:
+            on_call(1)
+    elif y.requires_grad and rows:
         eye = torch.eye(rows, dtype=y.dtype, device=y.device)
         p0 = done = 0
         while p0 < rows and (calls is None or done < calls):
