@@ -427,9 +427,10 @@ def c_transformer_nograd():
 # compiled, recurrent, attention
 
 
-# inductor's compiled backward donates its buffers (one backward per forward): a chunkjac error that
-# names torch._functorch.config.donated_buffer = False is the right answer; aot_eager is exact (below).
-@case("error", what="torch.compile(MLP 3-32-3) (inductor, CPU), B=64")
+# Where inductor's compiled backward donates its buffers (one backward per forward), a chunkjac error
+# that names torch._functorch.config.donated_buffer = False is the right answer; where it does not
+# (seen in a fresh CI clone), the answer is exact. aot_eager is exact (below).
+@case("either", what="torch.compile(MLP 3-32-3) (inductor, CPU), B=64")
 def c_compiled_mlp():
     import torch
     import chunkjac
@@ -838,7 +839,7 @@ def main(argv=None):
     for n in names:
         rec = run_isolated(n, a.timeout)
         rec["expect"] = CASES[n][1]
-        want = ("refused",) if rec["expect"] == "error" else (rec["expect"],)
+        want = {"error": ("refused",), "either": ("exact", "refused")}.get(rec["expect"], (rec["expect"],))
         rec["ok"] = rec["status"] in want + ("skipped",)
         records.append(rec)
         sec = rec.get("seconds")
