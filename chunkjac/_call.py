@@ -117,12 +117,18 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
 def _argument_key(v) -> tuple:
     """A coupling argument as a cache key: a string as itself, a tensor or array by identity and
     in-place version (a new edge_index, or one edited in place, decides again)."""
+    # By content, never by id: a structure edited in place, or a new one at a freed one's address,
+    # must not reuse the old decision.
     if isinstance(v, str):
         return (v,)
-    if isinstance(v, (torch.Tensor, np.ndarray)):  # by content: a new tensor may reuse a freed one's id
-        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) and v.layout == torch.strided else v
-        if isinstance(a, np.ndarray):
-            return (type(v).__name__, a.shape, str(a.dtype), hash(np.ascontiguousarray(a).tobytes()))
+    if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+        v = v.coalesce().indices() if v.layout == torch.sparse_coo else v.to_sparse_coo().coalesce().indices()
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+        return (type(v).__name__, a.shape, str(a.dtype), hash(np.ascontiguousarray(a).tobytes()))
+    if isinstance(v, (list, tuple)):  # neighbour lists
+        return ("lists", tuple(tuple(int(j) for j in row) if isinstance(row, (list, tuple))
+                               else int(row) if isinstance(row, int) else _argument_key(row) for row in v))
     return (type(v).__name__, id(v))
 
 

@@ -113,6 +113,10 @@ def from_argument(coupling, batch_size: int) -> Coupling | str:
     if isinstance(coupling, (list, tuple)) and not isinstance(coupling, torch.Tensor):
         return _from_neighbours(coupling, batch_size)
     if isinstance(coupling, np.ndarray):
+        if coupling.dtype.kind not in "iub":
+            raise TypeError(
+                f"chunkjac: coupling is a numpy array of dtype {coupling.dtype}; group ids and edges must be "
+                "integers (e.g. np.int64).")
         coupling = torch.from_numpy(np.asarray(coupling))
     if not isinstance(coupling, torch.Tensor):
         raise TypeError(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from typing import Any
 
 import torch
@@ -127,11 +128,18 @@ def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
     return out
 
 
+def _plain_object(obj) -> bool:
+    """An instance of a user's class with attributes: not a Python module, class, function or builtin."""
+    return (hasattr(obj, "__dict__") and not isinstance(obj, (types.ModuleType, type, types.FunctionType,
+                                                               types.BuiltinFunctionType, types.MethodType))
+            and type(obj).__module__ not in ("builtins", "torch") and not type(obj).__module__.startswith("torch."))
+
+
 def reachable_state(fn, depth: int = 3) -> list:
     """(name, module or tensor) that fn holds or reaches: fn itself if a module; for functions, the
     modules and tensors in its closure, defaults, bound ``self``, ``functools.partial`` arguments and
-    the globals it names (``lambda x: model(x).float()`` reaches ``model``); nested functions to
-    ``depth``. A resumed dump whose model changed behind a closure is refused like any other."""
+    the globals it names (``lambda x: model(x).float()`` reaches ``model``), and the attributes of
+    plain objects among those (``trainer.step`` reaches ``trainer.model``); nested to ``depth``. A resumed dump whose model changed behind a closure is refused like any other."""
     seen: set[int] = set()
     found: list = []
 
@@ -160,6 +168,12 @@ def reachable_state(fn, depth: int = 3) -> list:
         if hasattr(obj, "__self__") and not isinstance(obj.__self__, type(functools)):
             visit(obj.__self__, name + ".__self__", d - 1)
         code = getattr(obj, "__code__", None)
+        if code is None and _plain_object(obj):
+            # An object that holds the model (a Trainer whose method is fn, a callable wrapper):
+            # its attributes, as a closure's cells are.
+            for k, v in list(vars(obj).items())[:64]:
+                visit(v, f"{name}.{k}", d - 1)
+            return
         if code is not None:
             for cell, var in zip(getattr(obj, "__closure__", None) or (), code.co_freevars):
                 try:

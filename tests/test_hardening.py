@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -180,3 +181,50 @@ def test_a_shared_input_with_one_row_per_sample_runs_the_whole_batch_exactly():
         J = chunkjac.compute(fn, z)
     full = torch.autograd.functional.jacobian(fn, z)
     torch.testing.assert_close(J, torch.stack([full[i, :, i] for i in range(6)]))
+
+
+class _Trainer:
+    """A model behind a plain object: fn is its method."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double().eval()
+
+    def f(self, x):
+        return self.model(x)
+
+
+def _blocks(fn, x):
+    full = torch.autograd.functional.jacobian(fn, x)
+    return torch.stack([full[i, :, i] for i in range(x.shape[0])])
+
+
+def test_a_model_behind_a_plain_object_is_seen_by_the_cache_and_left_as_it_was():
+    t, x = _Trainer(), torch.randn(8, 3, dtype=D)
+    torch.testing.assert_close(chunkjac.compute(t.f, x), _blocks(t.f, x))
+    t.model.train()  # a training flag inside the object: decided again, and coupled now
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.warns(chunkjac.CouplingWarning):
+        J = chunkjac.compute(t.f, x)
+    after = {k: v.clone() for k, v in t.model.state_dict().items()}
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # running statistics untouched by compute
+    torch.testing.assert_close(J, _blocks(t.f, x))
+
+
+def test_neighbour_lists_edited_in_place_are_decided_again():
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, dtype=D)
+    f = lambda x, P: x * (P @ x)  # noqa: E731
+    nb = [[] for _ in range(6)]
+    for perm in ([1, 0, 3, 2, 5, 4], [2, 3, 0, 1, 5, 4], [5, 4, 3, 2, 1, 0], [0, 2, 1, 4, 3, 5]):
+        for i in range(6):
+            nb[i][:] = sorted({i, perm[i]})
+        P = torch.eye(6, dtype=D)[perm]
+        J = chunkjac.compute(f, (x, P), in_dims=(0, None), coupling=nb)
+        torch.testing.assert_close(J, _blocks(lambda z: f(z, P), x))
+
+
+def test_a_coupling_array_of_objects_is_an_argument_error():
+    with pytest.raises(TypeError, match="chunkjac: coupling is a numpy array of dtype object"):
+        chunkjac.compute(torch.sin, torch.randn(4, 2), coupling=np.array([0, 0, 1, 1], dtype=object))
