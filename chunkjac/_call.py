@@ -82,7 +82,9 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise ValueError(f"chunkjac: max_seconds must be a positive number or None, got {max_seconds!r}.")
     if given is not None:
-        return _pinned(spec, given)
+        spec, p = _pinned(spec, given)
+        _check_outputs(p, return_outputs)
+        return spec, p
     # NOTE: [When the verdict is checked again]
     # What a call decides (the coupling verdict, the forward-mode cross-check, the plan) is kept while
     # fn's structure stays (its code, module classes, training flags, hooks, tensor names/shapes/
@@ -106,12 +108,16 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     if warning is not None:
         warnings.warn(CouplingWarning(warning), stacklevel=4)
     spec = dataclasses.replace(spec, coupling=coupling, mode=mode)
+    _check_outputs(p, return_outputs)
+    return spec, p
+
+
+def _check_outputs(p: Plan, return_outputs: bool) -> None:
     if return_outputs and p.num_chunks > 1 and not p.batched_outputs:
         raise ValueError(
             f"chunkjac: return_outputs=True, but fn returns a tensor without the batch in its leading dim, "
             f"and the plan runs {p.num_chunks} chunks, each giving its own value for it. Return per-sample "
             "tensors only, or leave return_outputs=False and compute that output separately.")
-    return spec, p
 
 
 def _argument_key(v) -> tuple:

@@ -5,6 +5,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -71,28 +72,51 @@ def _read_free(device: torch.device) -> int:
 # and passed on without it.
 
 
-@contextlib.contextmanager
-def _stderr_without(needle: bytes):
-    """Hold what is written to file descriptor 2 and pass it on afterwards, less lines with ``needle``."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, closed): nothing to hold
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
+class _HeldStderr:
+    """File descriptor 2, held in a temp file while any thread measures (the profiler is per thread,
+    fd 2 is per process): the first to enter holds it, the last to leave puts it back and passes on
+    what was written, less lines with ``needle``. A lock orders the swaps: two threads saving and
+    restoring fd 2 each on their own left it pointing at a deleted temp file."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: int | None = None
+        self.held = None
+
+    @contextlib.contextmanager
+    def without(self, needle: bytes):
+        with self.lock:
+            if self.depth == 0:
+                try:
+                    sys.stderr.flush()
+                    saved = os.dup(2)
+                except (OSError, ValueError, AttributeError):  # no real stderr: nothing to hold
+                    saved = None
+                if saved is not None:
+                    self.held = tempfile.TemporaryFile()
+                    os.dup2(self.held.fileno(), 2)
+                self.saved = saved
+            self.depth += 1
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            kept = b"".join(line for line in held if needle not in line)
-            if kept:
-                os.write(2, kept)
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0 and self.saved is not None:
+                    with contextlib.suppress(Exception):
+                        sys.stderr.flush()
+                    os.dup2(self.saved, 2)
+                    os.close(self.saved)
+                    self.held.seek(0)
+                    kept = b"".join(line for line in self.held if needle not in line)
+                    self.held.close()
+                    self.saved = self.held = None
+                    if kept:
+                        os.write(2, kept)
+
+
+_held_stderr = _HeldStderr()  # one per process, as fd 2 is
 
 
 def _profiled_peak(work) -> tuple[int, object] | None:
@@ -106,7 +130,7 @@ def _profiled_peak(work) -> tuple[int, object] | None:
     except RuntimeError:  # a profiler is running already: PyTorch allows one at a time
         return None
     try:
-        with _stderr_without(b"allocated before the profiling started"):
+        with _held_stderr.without(b"allocated before the profiling started"):
             result = work()
     finally:
         records = _disable_profiler_legacy()

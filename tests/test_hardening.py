@@ -228,3 +228,32 @@ def test_neighbour_lists_edited_in_place_are_decided_again():
 def test_a_coupling_array_of_objects_is_an_argument_error():
     with pytest.raises(TypeError, match="chunkjac: coupling is a numpy array of dtype object"):
         chunkjac.compute(torch.sin, torch.randn(4, 2), coupling=np.array([0, 0, 1, 1], dtype=object))
+
+
+def test_threads_measuring_at_once_give_stderr_back():
+    # The memory probe holds fd 2 (a process-wide file) while it measures; threads must not leave it
+    # pointing at a deleted temp file.
+    r = run_isolated("""
+import os, sys, threading, torch, chunkjac
+before = os.fstat(2)
+def work(k):
+    for i in range(3):
+        chunkjac.probe_cache.clear()
+        chunkjac.compute(lambda x: torch.tanh(x * (k + 1)), torch.randn(16 + k + i, 4, dtype=torch.float64))
+ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+after = os.fstat(2)
+assert (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino), "fd 2 was not given back"
+print("still here", file=sys.stderr, flush=True)
+""")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "still here" in r.stderr
+
+
+def test_a_recorded_plan_keeps_the_return_outputs_check():
+    W = torch.randn(4, 3, dtype=D)
+    h = lambda x: (torch.tanh(x @ W), (x ** 2).sum())  # noqa: E731 - the sum does not carry the batch
+    x = torch.randn(12, 4, dtype=D)
+    p = chunkjac.plan(h, x, output=0, chunk_size=4)
+    with pytest.raises(ValueError, match="return_outputs=True, but fn returns a tensor without the batch"):
+        chunkjac.compute(h, x, output=0, return_outputs=True, plan=p)
