@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import threading
 import time
 import types
 import weakref
@@ -284,6 +285,7 @@ class ProbeCache:
         self.size = size
         self.recheck_every = recheck_every  # see [When the verdict is checked again] in _call
         self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
 
     @staticmethod
@@ -309,27 +311,31 @@ class ProbeCache:
         zero-initialised gate leaves zero at the first optimizer step), then every ``every`` changes
         (None or 0: never)."""
         anchors = _anchors(fn)
-        entry = self._entries.get(key)
         gap = 1
-        # The same objects, not new ones at reused ids.
-        if entry is not None and len(entry[0]) == len(anchors) and all(r() is a for r, a in zip(entry[0], anchors)):
-            if every and state != entry[4]:
-                entry[2] += 1
-                entry[4] = state
-            if not every or entry[2] < entry[3]:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry[1]
-            gap = min(2 * entry[3], every)
+        with self._lock:  # threads may share the cache; compute() runs outside the lock
+            entry = self._entries.get(key)
+            # The same objects, not new ones at reused ids.
+            if entry is not None and len(entry[0]) == len(anchors) and all(r() is a for r, a in zip(entry[0], anchors)):
+                if every and state != entry[4]:
+                    entry[2] += 1
+                    entry[4] = state
+                if not every or entry[2] < entry[3]:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry[1]
+                gap = min(2 * entry[3], every)
         value = compute()
-        self._entries[key] = [[_ref(a) for a in anchors], value, 0, min(gap, every or 1), state]
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = [[_ref(a) for a in anchors], value, 0, min(gap, every or 1), state]
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
         return value
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.hits = 0
+        with self._lock:
+            self._entries.clear()
+            self.hits = 0
 
 
 def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2,
