@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from ._errors import ForwardModeMismatch
-from ._function import call, chunk_args, own_buffers, preserved_buffers, select, shielded, working_dtypes
+from ._function import call, chunk_args, own_buffers, preserved_buffers, reached_modules, select, shielded, working_dtypes
 from ._plan import Plan
 from ._probe import PROBE_SIZES
 from ._spec import Spec
@@ -102,6 +102,7 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
     n = plan.chunk_at(0)[1]
     gen = torch.Generator().manual_seed(0)
     args = chunk_args(spec, 0, n)
+    modules = reached_modules(spec)
     with preserved_buffers(spec.fn):
         for k in ks:
             t = spec.targets[k]
@@ -117,7 +118,7 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
                     a[t.index] = z
                 else:
                     params[t.name] = z
-                with shielded(spec):
+                with shielded(modules):
                     return select(spec, call(spec, a, params), n)
 
             try:

@@ -81,7 +81,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._coupling import log2_ceil
 from ._errors import is_out_of_memory
-from ._function import FnError, call, chunk_args, preserved_buffers, reachable_state, select, working_dtypes
+from ._function import FnError, call, chunk_args, preserved_buffers, reachable_state, select, version, working_dtypes
 from ._inputs import Source
 from ._spec import Spec
 
@@ -218,12 +218,12 @@ def state_key(spec: Spec) -> tuple:
     for name, v in reachable_state(spec.fn):
         if isinstance(v, nn.Module):
             parts.append((name, tuple(m.training for m in v.modules()),
-                          tuple((id(t), _version(t)) for t in v.state_dict(keep_vars=True).values())))
+                          tuple((id(t), version(t)) for t in v.state_dict(keep_vars=True).values())))
         else:
-            parts.append((name, id(v), _version(v)))
+            parts.append((name, id(v), version(v)))
     for a in spec.args:
         if isinstance(a, torch.Tensor):
-            parts.append((id(a), _version(a)))
+            parts.append((id(a), version(a)))
         elif isinstance(a, Source):
             parts.append(id(a))
         elif not isinstance(a, (bool, int, float, str, type(None))):
@@ -256,7 +256,7 @@ def structure_key(spec: Spec) -> tuple:
             layout = (tuple(a.shape), a.dtype, str(a.device))
             # Integer and bool inputs are indices, group ids, lengths, masks: their values are structure.
             exact = () if a.dtype.is_floating_point else (
-                (_Same(a), _version(a)) if isinstance(a, torch.Tensor) else (_Same(a),))
+                (_Same(a), version(a)) if isinstance(a, torch.Tensor) else (_Same(a),))
             parts.append(layout + exact)
         elif isinstance(a, (bool, int, float, str, type(None))):
             parts.append(("value", type(a), a))
@@ -283,10 +283,6 @@ class _Same:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _Same) and self.ref() is not None and self.ref() is other.ref()
-
-
-def _version(t: torch.Tensor) -> int:
-    return 0 if t.is_inference() else t._version  # inference tensors have no version counter
 
 
 def _code_key(fn, depth: int = 2) -> tuple:

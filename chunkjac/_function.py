@@ -197,15 +197,20 @@ def preserved_buffers(fn):
     every module fn is or reaches (a module held by a closure included). Only buffers that changed
     are written back: a write moves the version counter, which the caches key on. (batch_norm updates
     its statistics without moving it, so values are compared too.)"""
-    saved = [(b, b.detach().clone(), b._version if not b.is_inference() else 0)
+    saved = [(b, b.detach().clone(), version(b))
              for _, v in reachable_state(fn) if isinstance(v, nn.Module) for b in v.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for b, v, version in saved:
-                if (not b.is_inference() and b._version != version) or not torch.equal(b, v):
+            for b, v, before in saved:
+                if version(b) != before or not torch.equal(b, v):
                     b.copy_(v)
+
+
+def version(t: torch.Tensor) -> int:
+    """t's in-place version counter (0 for inference tensors, which have none)."""
+    return 0 if t.is_inference() else t._version
 
 
 def working_dtypes(spec: Spec, dtype: torch.dtype) -> set:
@@ -228,9 +233,16 @@ def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:
     return {name: b.clone() for name, b in fn.named_buffers()}
 
 
+def reached_modules(spec: Spec) -> list[nn.Module]:
+    """Every module fn is or reaches, submodules included, each once."""
+    return list({id(s): s for _, m in reachable_state(spec.fn) if isinstance(m, nn.Module)
+                 for s in m.modules()}.values())
+
+
 @contextlib.contextmanager
-def shielded(spec: Spec):
-    """Run fn inside a torch.func transform on stand-ins for the tensors of every module it reaches.
+def shielded(modules: list[nn.Module]):
+    """Run fn inside a torch.func transform on stand-ins for the tensors of ``modules`` (those fn
+    reaches: ``reached_modules``, found once per chunk rather than at every call of the transform).
 
     Inside ``torch.func.jvp``, ``model.to(...)`` (and anything else that assigns ``param.data``) puts
     a functorch wrapper of the transform's level into the Parameter object: the wrapper outlives the
@@ -239,8 +251,7 @@ def shielded(spec: Spec):
     same autograd history) made at the transform's level, where such an assignment stays consistent;
     the user's own Parameter objects are put back untouched on the way out.
     """
-    modules = {id(s): s for _, m in reachable_state(spec.fn) if isinstance(m, nn.Module) for s in m.modules()}
-    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in modules.values()]
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
     views: dict[int, torch.Tensor] = {}  # a tensor held twice (tied weights) gets one view
     for m, params, buffers in saved:
         for table, entries in ((m._parameters, params), (m._buffers, buffers)):

@@ -12,25 +12,11 @@ import chunkjac
 from chunkjac._coupling import from_argument
 from chunkjac._plan import _format_seconds
 
+from _reference import blocks
+
 TOL = dict(rtol=1e-10, atol=1e-12)
 MODES = ["reverse", "forward", "auto"]
 F64 = torch.float64
-
-
-def blocks(f, *args, wrt=0, create_graph=False):
-    """Diagonal blocks dy_i/dx_i of the full (B, *out, B, *in) Jacobian of f w.r.t. args[wrt]."""
-    x = args[wrt]
-
-    def g(v):
-        a = list(args)
-        a[wrt] = v
-        return f(*a)
-
-    y = g(x)
-    full = torch.autograd.functional.jacobian(g, x, create_graph=create_graph)
-    b = x.shape[0]
-    i = torch.arange(b)
-    return full.reshape(b, -1, b, x[0].numel())[i, :, i].reshape(b, *y.shape[1:], *x.shape[1:])
 
 
 def attention(x):

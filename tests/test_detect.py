@@ -15,24 +15,10 @@ import chunkjac._detect as detect
 from chunkjac._function import reachable_state
 from chunkjac._spec import normalize
 
+from _reference import blocks
+
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
-
-
-def blocks(f, *args, wrt=0):
-    """Diagonal blocks dy_i/dx_i of the full (B, *out, B, *in) Jacobian of f w.r.t. args[wrt]."""
-    x = args[wrt]
-
-    def g(v):
-        a = list(args)
-        a[wrt] = v
-        return f(*a)
-
-    y = g(x)
-    full = torch.autograd.functional.jacobian(g, x)
-    b = x.shape[0]
-    i = torch.arange(b)
-    return full.reshape(b, -1, b, x[0].numel())[i, :, i].reshape(b, *y.shape[1:], *x.shape[1:])
 
 
 def quiet(f, args, **kw):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import jacrev, vmap
 
 import chunkjac
+
+from _reference import blocks
 
 D = torch.float64
 
@@ -139,14 +140,10 @@ def test_an_op_without_derivative_is_a_chunkjac_error_with_the_cause_chained():
 
 def test_auto_mode_leaves_a_wrong_forward_formula_for_reverse_mode():
     # max_unpool with repeated indices: PyTorch's forward-mode formula disagrees with reverse mode.
-    x = torch.randn(3, 2, 4, 4, dtype=D)
     idx = torch.zeros(3, 2, 2, 2, dtype=torch.long)  # every output lands on element 0
     vals = torch.randn(3, 2, 2, 2, dtype=D)
     fn = lambda v: torch.nn.functional.max_unpool2d(v, idx, 2, output_size=(4, 4))  # noqa: E731
-    J = chunkjac.compute(fn, vals)
-    full = torch.autograd.functional.jacobian(fn, vals)
-    ref = torch.stack([full[i, ..., i, :, :, :] for i in range(3)])
-    torch.testing.assert_close(J, ref)
+    torch.testing.assert_close(chunkjac.compute(fn, vals), blocks(fn, vals))
     with pytest.raises(ValueError, match="forward-mode and reverse-mode derivatives"):
         chunkjac.compute(fn, vals, mode="forward")
 
@@ -179,8 +176,7 @@ def test_a_shared_input_with_one_row_per_sample_runs_the_whole_batch_exactly():
     fn = lambda z: torch.addmm(z, m1, m2)  # noqa: E731
     with pytest.warns(chunkjac.CouplingWarning, match="only on the whole batch"):
         J = chunkjac.compute(fn, z)
-    full = torch.autograd.functional.jacobian(fn, z)
-    torch.testing.assert_close(J, torch.stack([full[i, :, i] for i in range(6)]))
+    torch.testing.assert_close(J, blocks(fn, z))
 
 
 class _Trainer:
@@ -194,14 +190,9 @@ class _Trainer:
         return self.model(x)
 
 
-def _blocks(fn, x):
-    full = torch.autograd.functional.jacobian(fn, x)
-    return torch.stack([full[i, :, i] for i in range(x.shape[0])])
-
-
 def test_a_model_behind_a_plain_object_is_seen_by_the_cache_and_left_as_it_was():
     t, x = _Trainer(), torch.randn(8, 3, dtype=D)
-    torch.testing.assert_close(chunkjac.compute(t.f, x), _blocks(t.f, x))
+    torch.testing.assert_close(chunkjac.compute(t.f, x), blocks(t.f, x))
     t.model.train()  # a training flag inside the object: decided again, and coupled now
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     with pytest.warns(chunkjac.CouplingWarning):
@@ -209,7 +200,7 @@ def test_a_model_behind_a_plain_object_is_seen_by_the_cache_and_left_as_it_was()
     after = {k: v.clone() for k, v in t.model.state_dict().items()}
     for k in before:
         assert torch.equal(before[k], after[k]), k  # running statistics untouched by compute
-    torch.testing.assert_close(J, _blocks(t.f, x))
+    torch.testing.assert_close(J, blocks(t.f, x))
 
 
 def test_neighbour_lists_edited_in_place_are_decided_again():
@@ -222,7 +213,7 @@ def test_neighbour_lists_edited_in_place_are_decided_again():
             nb[i][:] = sorted({i, perm[i]})
         P = torch.eye(6, dtype=D)[perm]
         J = chunkjac.compute(f, (x, P), in_dims=(0, None), coupling=nb)
-        torch.testing.assert_close(J, _blocks(lambda z: f(z, P), x))
+        torch.testing.assert_close(J, blocks(lambda z: f(z, P), x))
 
 
 def test_a_coupling_array_of_objects_is_an_argument_error():

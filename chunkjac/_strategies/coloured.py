@@ -26,7 +26,7 @@ import torch
 from torch.func import jvp, vmap
 
 from .._errors import RandomFunctionError, is_out_of_memory
-from .._function import FnError, call, detach_all, own_buffers, select, shielded, split_tensors
+from .._function import FnError, call, detach_all, own_buffers, reached_modules, select, shielded, split_tensors
 from .._spec import Spec
 
 if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
@@ -229,6 +229,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         # primal's whole storage: clone so that a JVP allocates a chunk, not a batch, per column.
         x = x.clone()
     rebuild_box: list = []
+    modules = reached_modules(spec)
 
     def g(v):
         a = list(args)
@@ -237,7 +238,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
             a[t.index] = v
         else:
             params[t.name] = v
-        with shielded(spec):  # stand-ins made inside the transform (see shielded)
+        with shielded(modules):  # stand-ins made inside the transform (see shielded)
             out = call(spec, a, params)
         y = select(spec, out, n)
         tensors, rebuild = split_tensors(out)
