@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ._budget import parse_budget
-from ._check import check_forward_mode
+from ._check import check_forward_mode, check_second_order
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._function import FnError
 from ._detect import check as check_coupling, state_key, structure_key
@@ -73,9 +73,11 @@ def _check_unmodified(inputs, versions) -> None:
 
 
 def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
-             chunk_size, max_seconds, given: Plan | None = None):
+             chunk_size, max_seconds, given: Plan | None = None, part: str | None = None,
+             return_jacobian: bool = False):
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
-                     create_graph=create_graph, return_outputs=return_outputs, device=device)
+                     create_graph=create_graph, return_outputs=return_outputs, device=device, part=part,
+                     return_jacobian=return_jacobian)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
@@ -101,7 +103,7 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     # structure_key holds fn's modules, the inputs' layout and in_dims: the rest is the call's options.
     key = (_identity(spec.fn), "call", str(spec.device), structure_key(spec), spec.batch_size, spec.mode,
            tuple((t.kind, t.index, t.name) for t in spec.targets), repr(spec.output), spec.create_graph,
-           _argument_key(coupling), repr(budget), chunk_size, max_seconds)
+           _argument_key(coupling), repr(budget), chunk_size, max_seconds, spec.part, spec.return_jacobian)
     coupling, mode, p, warning = probe_cache.get(
         key, spec.fn, lambda: _decide(spec, budget, chunk_size, max_seconds), every=probe_cache.recheck_every,
         state=state_key(spec))
@@ -151,6 +153,16 @@ def _decide(spec: Spec, budget, chunk_size, max_seconds) -> tuple[Coupling, str,
             raise
         spec = dataclasses.replace(spec, coupling=whole)
         p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
+    if spec.part is not None:
+        why = check_second_order(spec, p)
+        if why is not None:
+            if spec.mode == "forward":
+                raise ValueError(f"chunkjac: Taylor mode (mode='forward') cannot give fn's exact second derivatives: "
+                                 f"{why}. Pass mode='auto' or mode='reverse' (reverse over reverse).")
+            # See [Why Taylor mode is cross-checked]: reverse over reverse gives them exactly.
+            spec = dataclasses.replace(spec, mode="reverse")
+            p = _make_plan(spec, budget_bytes, chunk_size, max_seconds)
+        return spec.coupling, spec.mode, p, warning
     mismatch = _forward_verdict(spec, p)
     if mismatch is not None:
         if spec.mode != "auto" or not mismatch.batched:
@@ -229,7 +241,7 @@ def _make_plan(spec: Spec, budget_bytes: int, chunk_size, max_seconds) -> Plan:
 
 def _forward_verdict(spec: Spec, p: Plan) -> ForwardModeMismatch | None:
     """The cross-check of a forward-mode plan (see _check): None, or the disagreement."""
-    if "forward" not in p.modes:
+    if "forward" not in p.modes or p.part is not None:
         return None
     try:
         check_forward_mode(spec, p)
@@ -245,6 +257,9 @@ def _pinned(spec: Spec, given) -> tuple[Spec, Plan]:
                         f"{type(given).__name__}.")
     mine = (spec.batch_size, tuple(t.numel for t in spec.targets), spec.device)
     theirs = (given.batch_size, given.in_numels, given.device)
+    if given.part != spec.part:
+        raise ValueError(f"chunkjac: plan= was made for {given.part or 'Jacobians'}, this call asks for "
+                         f"{spec.part or 'Jacobians'}; make the plan with the same arguments (part=...).")
     if mine != theirs or len(given.modes) != len(spec.targets):
         raise ValueError(
             f"chunkjac: plan= was made for another call: {given.batch_size:,} samples, wrt element counts "
@@ -343,9 +358,15 @@ def compute(
         >>> chunkjac.compute(f, torch.randn(3, 5)).shape
         torch.Size([3, 10, 5])
     """
+    return _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
+                chunk_size, progress, max_seconds, out, resume, plan)
+
+
+def _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device, chunk_size,
+         progress, max_seconds, out, resume, plan, part=None, return_jacobian=False):
     versions = _versions(inputs)
     spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                       device, chunk_size, max_seconds, given=plan)
+                       device, chunk_size, max_seconds, given=plan, part=part, return_jacobian=return_jacobian)
     _check_unmodified(inputs, versions)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
@@ -379,11 +400,85 @@ def plan(
     chunk_size: int | None = None,
     progress: bool | None = None,
     max_seconds: float | None = MAX_SECONDS,
+    part: str | None = None,
+    return_jacobian: bool = False,
 ) -> Plan:
     """The :class:`Plan` ``compute`` would carry out with the same arguments, without computing any
-    Jacobian (it probes fn on a few small chunks). ``print(plan)`` gives a one-line report."""
+    Jacobian (it probes fn on a few small chunks). ``print(plan)`` gives a one-line report. With
+    ``part`` (and ``return_jacobian``): the plan of ``hessian(..., part=part)``."""
     versions = _versions(inputs)
     p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                 device, chunk_size, max_seconds)[1]
+                 device, chunk_size, max_seconds, part=part, return_jacobian=return_jacobian)[1]
     _check_unmodified(inputs, versions)
     return p
+
+
+@_guarded
+def hessian(
+    fn: Callable,
+    inputs: Any,
+    *,
+    part: str = "full",
+    wrt: Any = 0,
+    output: Any = None,
+    in_dims: Any = 0,
+    mode: str = "auto",
+    coupling: Any = "auto",
+    create_graph: bool = False,
+    return_outputs: bool = False,
+    return_jacobian: bool = False,
+    budget: int | str | None = None,
+    device: Any = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+    max_seconds: float | None = MAX_SECONDS,
+    out: Any = None,
+    resume: bool = True,
+    plan: Plan | None = None,
+):
+    """Per-sample second derivatives ``d^2 fn(x)_i / d x_i^2`` for every sample i of a batch.
+
+    Args:
+        part: ``"full"``: the Hessians, (B, *out, *in, *in); ``"diagonal"``: the pure second
+            derivatives d^2 y / d x_k^2, (B, *out, *in); ``"laplacian"``: their sum over the input's
+            elements, (B, *out).
+        wrt: the batched input to differentiate twice (an index; one input).
+        return_jacobian: also return the first derivatives (B, *out, *in), from the same pass.
+        return_outputs: also return fn's outputs, from the same pass.
+        mode: ``"auto"`` (measure both, see [Choosing a second-order strategy]), ``"forward"``
+            (Taylor mode: one forward pass carries the value, the D first-order directions and the
+            second-order terms) or ``"reverse"`` (reverse over reverse: 1 + D VJPs per output element).
+        The others as in :func:`compute`: ``output``, ``in_dims``, ``coupling`` (coupled samples get exact
+        per-sample blocks by colour groups, never the sum trick), ``create_graph`` (differentiate a
+        loss on the results again: physics-informed training), ``budget``, ``device``,
+        ``chunk_size``, ``progress``, ``max_seconds``, ``out`` (tensors, or a ``.npy`` path for one
+        result, resumable), ``resume``, ``plan`` (from ``chunkjac.plan(..., part=part)``).
+
+    Returns:
+        The part; with ``return_jacobian`` ``(part, J)``; with ``return_outputs`` the outputs last:
+        ``(part, outputs)`` or ``(part, J, outputs)``.
+
+    Cost: Taylor mode runs fn once per chunk on stacks of 1 + D + s vectors (s = 1 for a Laplacian,
+    D for the diagonal, D^2 for the full Hessian): about D + 2 forward passes' worth of matrix
+    products for a Laplacian, and no backward pass; ``chunkjac.plan(..., part=...)`` shows the choice.
+
+    Example:
+        >>> u = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> chunkjac.hessian(u, torch.randn(5, 2)).shape
+        torch.Size([5, 1, 2, 2])
+    """
+    return _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
+                chunk_size, progress, max_seconds, out, resume, plan, part=part, return_jacobian=return_jacobian)
+
+
+def laplacian(fn: Callable, inputs: Any, **kwargs):
+    """Per-sample Laplacians ``sum_k d^2 fn(x)_i / d x_{i,k}^2``, shape (B, *out): ``hessian(fn, inputs,
+    part="laplacian", **kwargs)``, by Taylor mode's forward Laplacian where fn allows.
+
+    Example (a PINN's residual of the Poisson equation):
+        >>> lap_u, u = chunkjac.laplacian(model, x, return_outputs=True, create_graph=True)
+        >>> loss = ((lap_u - f(x)) ** 2).mean()
+    """
+    if "part" in kwargs:
+        raise TypeError("chunkjac: laplacian() takes no part=; use chunkjac.hessian(..., part=...).")
+    return hessian(fn, inputs, part="laplacian", **kwargs)

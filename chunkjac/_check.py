@@ -150,3 +150,54 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
                     + ("Pass mode='reverse'." if t.batched else "Per-sample derivatives w.r.t. a shared tensor need "
                        "forward mode; rewrite that part of fn or differentiate a batched input instead."),
                     batched=t.batched)
+
+
+# NOTE: [Why Taylor mode is cross-checked]
+# Taylor mode's exact rules are checked by the tests, but its generic rule runs PyTorch's forward-
+# over-forward derivatives of whatever op it meets, and some are wrong: native layer_norm's (which
+# chunkjac therefore takes through its definition), linalg.solve's and det's second derivatives
+# (measured against finite differences and vmap(hessian)). And fn may hide a path from
+# __torch_function__ (TorchScript, a custom autograd.Function whose backward is not its forward's
+# derivative). So before a Taylor plan runs over the batch, its results on the first few samples
+# (one colour group of the first chunk, when coupled) are compared with reverse over reverse, the
+# seed's grad-of-grad, on the same samples. A disagreement, or a refusal, sends the call to reverse
+# over reverse (or, with mode="forward", stops it). Cost: both strategies on two samples.
+
+def check_second_order(spec: Spec, plan: Plan) -> str | None:
+    """None when Taylor mode agrees with reverse over reverse on the first samples; else why not."""
+    from ._strategies import double_backward, taylor
+    from ._taylor import TaylorRefused
+    if plan.strategy != "taylor":
+        return None
+    if plan.coupling is None:
+        n, colours = min(spec.batch_size, PROBE_SIZES[0]), None
+    else:
+        n = plan.chunk_at(0)[1]
+        colours = plan.colours_at(0, n)
+    quiet = dataclasses.replace(spec, create_graph=False, return_outputs=False)
+    small = dataclasses.replace(plan, batch_size=n, chunk_size=n, rows_per_vjp=spec.targets[0].numel)
+    with preserved_buffers(spec.fn):
+        try:
+            ours, _ = taylor.run_strict(quiet, small, chunk_args(spec, 0, n), n, colours, 1)
+        except TaylorRefused as e:
+            return str(e)
+        try:
+            ref, _ = double_backward.run_chunk(quiet, small, chunk_args(spec, 0, n), n, colours, None)
+        except Exception:  # noqa: BLE001 - no double backward here: nothing to check against
+            return None
+    if colours is not None:  # the one group both computed
+        first = colours == colours.min()
+        ours = [o[first] for o in ours]
+        ref = [r[first] for r in ref]
+    tol = 10 * _tolerance(spec, plan)  # two routes to a second derivative round differently
+    for a, b in zip(ours, ref):
+        a, b = a.double(), b.to(a.device).double()
+        finite = a.isfinite() & b.isfinite()
+        if not torch.equal(finite, a.isfinite() & b.isfinite()) or not torch.equal(a.isfinite(), b.isfinite()):
+            return "they disagree on which entries are finite"
+        if finite.any():
+            err = (a - b)[finite].abs().max().item()
+            scale = max(a[finite].abs().max().item(), b[finite].abs().max().item(), 1e-30)
+            if err > tol * scale:
+                return f"Taylor mode and reverse over reverse differ by {err:.3g} (scale {scale:.3g})"
+    return None

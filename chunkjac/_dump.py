@@ -38,7 +38,7 @@ class Output:
 
 
 def result_shapes(spec: Spec, plan: Plan) -> list[tuple[int, ...]]:
-    return [(spec.batch_size, *plan.out_shape, *t.shape) for t in spec.targets]
+    return spec.result_shapes(plan.out_shape)
 
 
 def check_fits_in_memory(spec: Spec, plan: Plan) -> None:
@@ -66,8 +66,9 @@ def open_output(spec: Spec, plan: Plan, out, resume: bool) -> Output:
         return _open_npy(spec, plan, os.fspath(out), resume)
     outs = [out] if spec.single else out
     if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs) \
-            or len(outs) != len(spec.targets):
-        want = "a tensor" if spec.single else f"a tuple of {len(spec.targets)} tensors (one per wrt)"
+            or len(outs) != spec.results:
+        want = "a tensor" if spec.single else (f"a tuple of {spec.results} tensors (one per wrt)" if spec.part is None
+                                               else "a tuple of 2 tensors (the second derivatives, the Jacobian)")
         raise TypeError(f"chunkjac: out must be {want} or a path to a .npy file, got {describe(out)}.")
     for k, (o, shape) in enumerate(zip(outs, result_shapes(spec, plan))):
         name = "out" if spec.single else f"out[{k}]"
@@ -94,8 +95,8 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
     if not path.endswith(".npy"):
         raise ValueError(f"chunkjac: out={path!r} is a path but not to a .npy file; end it with .npy.")
     if not spec.single:
-        raise ValueError("chunkjac: out='….npy' holds one Jacobian; with several wrt, dump each to its own file "
-                         "(one call per wrt), or pass out=<a tuple of tensors>.")
+        raise ValueError("chunkjac: out='….npy' holds one result; with several wrt (or return_jacobian=True), dump "
+                         "each to its own file (one call each), or pass out=<a tuple of tensors>.")
     if spec.return_outputs:
         raise ValueError("chunkjac: return_outputs=True with out='….npy': the outputs are not stored in the file, "
                          "and a resumed dump does not recompute them. Compute them separately.")

@@ -147,7 +147,10 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
                       stacklevel=3)
     jacs = sink.jacobians()
     result = jacs[0] if spec.single else tuple(jacs)
-    return (result, sink.outputs()) if spec.return_outputs else result
+    if not spec.return_outputs:
+        return result
+    # Second derivatives come back flat: (H, outputs) or (H, J, outputs), as a PINN loss reads them.
+    return (*jacs, sink.outputs()) if spec.part is not None else (result, sink.outputs())
 
 
 class _NoBar(contextlib.nullcontext):

@@ -98,6 +98,8 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
         "kind": c.kind, "colours": None if c.colours is None else _digest(c.colours),
         "bounds": None if c.bounds is None else _digest(torch.from_numpy(np.asarray(c.bounds)))}
     fp["result"] = {"shape": list(shape), "dtype": str(dtype)}
+    if spec.part is not None:  # a Hessian's diagonal has a Jacobian's shape: say which it is
+        fp["result"]["part"] = spec.part
     return fp
 
 

@@ -87,6 +87,7 @@ class Plan:
     colours: int = 1               # colours in the largest chunk: products = colours x rows (or columns)
     max_seconds: float | None = None  # a coupled plan predicted to take longer is refused
     extrapolated: bool = False     # seconds/peak extrapolated from smaller coupled sets
+    part: str | None = None        # second derivatives ("full", "diagonal", "laplacian"); None: Jacobians
 
     @property
     def too_long(self) -> bool:
@@ -141,7 +142,12 @@ class Plan:
 
     @property
     def products_per_chunk(self) -> tuple[int, int]:
-        """(batched VJPs, batched JVPs) the largest chunk costs."""
+        """(batched VJPs, batched JVPs) the largest chunk costs; a Taylor pass counts as one JVP."""
+        if self.strategy == "taylor":
+            return 0, self.colours
+        if self.strategy == "double_backward":
+            dims = self.in_numels[0]
+            return self.colours * math.prod(self.out_shape) * (1 + -(-dims // max(self.rows_per_vjp, 1))), 0
         rows = self.colours * math.prod(self.out_shape)
         vjps = -(-rows // self.rows_per_vjp) if "reverse" in self.modes else 0
         jvps = sum(-(-n * self.colours // self.cols_per_jvp) for n, m in zip(self.in_numels, self.modes)
@@ -153,7 +159,9 @@ class Plan:
         vjps, jvps = self.products_per_chunk
         work = []
         per = "per chunk" if self.num_chunks > 1 else "in all"
-        if vjps:
+        if self.part is not None:
+            work.append(self._second_order_work(per))
+        elif vjps:
             rows = self.colours * math.prod(self.out_shape)
             work.append(f"{rows:,} VJP{'s' * (rows != 1)} {per} in {vjps:,} call{'s' * (vjps != 1)}")
         if jvps:
@@ -165,7 +173,7 @@ class Plan:
         if self.coupling is not None:
             parts.append(f"coupled ({describe(self.coupling)}): {self.colours:,} colour"
                          f"{'s' * (self.colours != 1)} per chunk")
-        parts.append(f"{self.mode} mode, {' + '.join(work) or 'no products'}")
+        parts.append(work[0] if self.part is not None else f"{self.mode} mode, {' + '.join(work) or 'no products'}")
         peak = f"peak ≈ {format_bytes(self.peak_bytes)}"
         if self.budget_bytes is not None:
             peak += f" of {format_bytes(self.budget_bytes)}"
@@ -180,6 +188,18 @@ class Plan:
                      "or a dependency structure (edges, a sparse adjacency) cuts the products to the largest "
                      "group or the colours of the structure.")
         return text
+
+    def _second_order_work(self, per: str) -> str:
+        dims = self.in_numels[0]
+        passes = f"{self.colours:,} passes {per}" if self.colours > 1 else f"one pass {per}"
+        if self.strategy == "taylor":
+            terms = {"laplacian": "1 summed second-order term", "diagonal": f"{dims:,} second-order terms",
+                     "full": f"{dims * dims:,} second-order terms"}[self.part]
+            return (f"{self.part}: Taylor mode, {passes} carrying the value, {dims:,} direction"
+                    f"{'s' * (dims != 1)} and {terms}")
+        vjps = self.products_per_chunk[0]
+        return f"{self.part}: reverse over reverse, {vjps:,} VJPs {per} ({self.rows_per_vjp:,} Hessian rows per call)"
+
 
 def _format_seconds(s: float) -> str:
     if s < 1:
@@ -208,6 +228,8 @@ def speed_chunk(batch_size: int, saved_bytes_per_sample: float, result_bytes_per
 def candidates(spec: Spec, p: Probe, device: torch.device) -> tuple[list[Plan], list[Plan]]:
     """(candidates, fallbacks): every (mode, vectorisation) worth measuring, the count rule's choice
     first; and, in auto mode, the other mode's plans, used only if no candidate can run."""
+    if spec.part is not None:
+        return second_order_candidates(spec, p, device), []
     n_out = p.out_numel
     batched_in = sum(t.numel for t in spec.targets if t.batched)
     shared_only = not any(t.batched for t in spec.targets)
@@ -241,6 +263,28 @@ def candidates(spec: Spec, p: Probe, device: torch.device) -> tuple[list[Plan], 
     return plans[:split], plans[split:]
 
 
+# NOTE: [Choosing a second-order strategy]
+# Taylor mode ("forward": one pass carrying 1 + D + s vectors per tensor, see _taylor) against
+# reverse over reverse ("reverse": 1 + D VJPs per output element, the second ones through the first
+# ones' graph). The count rule puts Taylor mode first: on the PINN MLP 3->128x3->3 its pass costs
+# about 5 forwards where reverse over reverse costs 3 x (1 + 3) VJPs of ~2-3 forwards each. Both
+# are measured on small chunks (as for Jacobians) and the faster wins; a Taylor plan is then
+# cross-checked against reverse over reverse on the first samples (_check.check_second_order).
+def second_order_candidates(spec: Spec, p: Probe, device: torch.device) -> list[Plan]:
+    dims = spec.targets[0].numel
+    base = dict(batch_size=spec.batch_size, chunk_size=spec.batch_size, out_shape=p.out_shape,
+                in_numels=(dims,), dtype=p.dtype, device=device, part=spec.part)
+    taylor = Plan(strategy="taylor", modes=("forward",), rows_per_vjp=1, cols_per_jvp=1, **base)
+    reverse = [Plan(strategy="double_backward", modes=("reverse",), rows_per_vjp=k, cols_per_jvp=1, **base)
+               for k in dict.fromkeys((dims, 1))]
+    return {"auto": [taylor] + reverse, "forward": [taylor], "reverse": reverse}[spec.mode]
+
+
+def result_numel(spec: Spec, p: Probe) -> int:
+    """Elements of one sample's result (all result tensors)."""
+    return sum(math.prod(s[1:]) for s in spec.result_shapes(p.out_shape))
+
+
 def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: int | None = None,
               cache: ProbeCache | None = None) -> Plan:
     """Measure the candidates on small chunks and pick the fastest whose chunk fits ``budget_bytes``.
@@ -252,7 +296,7 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
     key = cache.key(spec, str(device))
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec))
     plans, fallbacks = candidates(spec, p, device)
-    result_bytes = p.out_numel * sum(t.numel for t in spec.targets) * p.dtype.itemsize
+    result_bytes = result_numel(spec, p) * p.dtype.itemsize
     fast = speed_chunk(spec.batch_size, p.saved_bytes_per_sample, result_bytes)
     measured, failure = [], None
     for group in (plans, fallbacks):
@@ -261,7 +305,8 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
         for plan in group:
             if isinstance(failure, RandomFunctionError) and "forward" in plan.modes:
                 continue  # a looped forward mode would differentiate a new random draw per column
-            cand_key = key + (plan.modes, plan.rows_per_vjp, plan.cols_per_jvp)
+            cand_key = key + (plan.strategy, plan.part, spec.return_jacobian, plan.modes, plan.rows_per_vjp,
+                              plan.cols_per_jvp)
             try:
                 m = cache.get(cand_key + ("memory",), spec.fn, lambda: measure_memory(spec, plan))
             except Exception as e:  # noqa: BLE001 - whatever stops a candidate, another may run
@@ -302,7 +347,8 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
         best = min(t[0] for t in timed)
         chosen = next(t for t in timed if t[0] <= (1 + TIE) * best)
         if chosen is not timed[0]:
-            key_duel = key + ("duel", chosen[1].modes, chosen[1].rows_per_vjp, chosen[1].cols_per_jvp)
+            key_duel = key + ("duel", chosen[1].strategy, chosen[1].part, chosen[1].modes, chosen[1].rows_per_vjp,
+                              chosen[1].cols_per_jvp)
             if not cache.get(key_duel, spec.fn, lambda: _confirmed(spec, timed[0], chosen)):
                 chosen = timed[0]
         seconds, plan, m, n = chosen
@@ -383,18 +429,24 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     from ._probe import measure_step
     cache = cache if cache is not None else ProbeCache(size=0)
     key = cache.key(spec, str(device), "coupled", coupling.kind, coupling.batch_size, coupling.unit,
-                    coupling.num_colours)
+                    coupling.num_colours, spec.part, spec.return_jacobian)
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec, coupling))
     n_out = p.out_numel
     batched_in = sum(t.numel for t in spec.targets if t.batched)
-    preferred = "forward" if JVP_COST * batched_in < n_out else "reverse"
+    preferred = "forward" if JVP_COST * batched_in < n_out or spec.part is not None else "reverse"
     # auto: the count rule's mode, and the other one if fn cannot run it (no forward-mode formula).
     wanted = [spec.mode] if spec.mode != "auto" else [preferred, "reverse" if preferred == "forward" else "forward"]
     # Per target (shared tensors are always forward); distinct: with no batched target both are one.
     tries = list(dict.fromkeys(tuple(m if t.batched else "forward" for t in spec.targets) for m in wanted))
-    result_bytes = p.out_numel * sum(t.numel for t in spec.targets) * p.dtype.itemsize
+    result_bytes = result_numel(spec, p) * p.dtype.itemsize
+    # Second derivatives: a Taylor pass per colour group (one "pair" each, width 1), or reverse over
+    # reverse with 1 + D VJPs per output element of each group; neither vectorises groups (k = 1).
+    second = spec.part is not None
+    dims = spec.targets[0].numel
 
     def with_k(k: int) -> Plan:
+        if second:
+            return base
         if "reverse" in modes:
             return dataclasses.replace(base, rows_per_vjp=k)
         return dataclasses.replace(base, cols_per_jvp=k)
@@ -429,6 +481,11 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
                     rows_per_vjp=1, cols_per_jvp=1 if "reverse" not in modes else max(t.numel for t in spec.targets),
                     out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
                     device=device, coupling=coupling, max_seconds=max_seconds, batched_outputs=p.batched_outputs)
+        if second:
+            taylor = "reverse" not in modes
+            width = 1 if taylor else n_out * (1 + dims)
+            base = dataclasses.replace(base, strategy="taylor" if taylor else "double_backward", part=spec.part,
+                                       rows_per_vjp=1, cols_per_jvp=1)
         try:
             step(sizes[0], 1, 1)
             break
@@ -469,7 +526,7 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
             "(coupling=<group ids> or a dependency structure) so that chunks can be smaller.")
     k_fit = int(max(1, min(pairs, KMAX, (share - base_mem) // per_k if per_k > 0 else pairs)))
     k, per_pair = 1, t_call
-    if k_fit > 1 and not extrapolated and not torch.are_deterministic_algorithms_enabled():
+    if k_fit > 1 and not extrapolated and not second and not torch.are_deterministic_algorithms_enabled():
         # Vectorising pairs pays (or not) by the first few: try at most KTRY, once, time only; a try
         # of KMAX pairs over 1,024 attention samples cost a quarter of the run it planned.
         k_try = min(k_fit, KTRY)

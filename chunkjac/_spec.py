@@ -20,6 +20,7 @@ from ._errors import describe as _describe
 from ._inputs import Source, from_dataset, from_memmap, is_lazy_array, with_batch_dim
 
 MODES = ("auto", "reverse", "forward")
+PARTS = ("full", "diagonal", "laplacian")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -61,6 +62,23 @@ class Spec:
     return_outputs: bool
     device: torch.device      # where chunks are computed
     home: torch.device        # where the batched inputs live, and the results go
+    part: str | None = None   # second derivatives: "full", "diagonal" or "laplacian"; None: the Jacobian
+    return_jacobian: bool = False  # with part: the first derivatives too, from the same pass
+
+    @property
+    def results(self) -> int:
+        """How many result tensors a run fills: one per wrt target, or the part (and the Jacobian)."""
+        return len(self.targets) if self.part is None else 1 + self.return_jacobian
+
+    def result_shapes(self, out_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """(B, *out, *in) per target; for a part: (B, *out) Laplacian, (B, *out, *in) diagonal,
+        (B, *out, *in, *in) full Hessian, then (B, *out, *in) for the Jacobian when asked."""
+        b = self.batch_size
+        if self.part is None:
+            return [(b, *out_shape, *t.shape) for t in self.targets]
+        x = self.targets[0].shape
+        extra = {"laplacian": (), "diagonal": x, "full": (*x, *x)}[self.part]
+        return [(b, *out_shape, *extra)] + ([(b, *out_shape, *x)] if self.return_jacobian else [])
 
     def param(self, name: str) -> torch.Tensor:
         return _module_tensors(self.fn)[name]
@@ -73,7 +91,7 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
-              device=None) -> Spec:
+              device=None, part=None, return_jacobian=False) -> Spec:
     if not callable(fn):
         raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
     if torch.is_inference_mode_enabled():
@@ -102,10 +120,25 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
                 f"chunkjac: mode='reverse' cannot give per-sample derivatives w.r.t. the shared {shared[0]}: "
                 "the sum trick adds every sample's contribution to a shared tensor's gradient. "
                 "Use mode='forward' or mode='auto' (forward mode: one JVP per element of the shared tensor).")
+    if part is not None:
+        _check_part(part, targets, wrt)
+        single = not return_jacobian
     coupling = from_argument(coupling, batch_size)
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
-                return_outputs=bool(return_outputs), device=device, home=home)
+                return_outputs=bool(return_outputs), device=device, home=home, part=part,
+                return_jacobian=bool(return_jacobian) and part is not None)
+
+
+def _check_part(part, targets, wrt) -> None:
+    if part not in PARTS:
+        raise ValueError(f"chunkjac: part must be one of {PARTS}, got {part!r}: 'full' gives (B, *out, *in, *in), "
+                         "'diagonal' (B, *out, *in), 'laplacian' (B, *out).")
+    if len(targets) != 1 or targets[0].kind != "input" or not targets[0].batched:
+        raise ValueError(
+            f"chunkjac: second derivatives are taken w.r.t. one batched input (wrt=<its index>), got wrt={wrt!r}. "
+            "For several inputs, concatenate them into one inside fn (fn(torch.cat([x, t], -1)) with wrt=0); "
+            "for a loss's derivatives w.r.t. parameters, use create_graph=True and autograd on the result.")
 
 
 def _shared(a: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,43 @@
+"""What the second-order strategies share: the seed directions, colour groups, and result layout."""
+from __future__ import annotations
+
+import torch
+
+from .._spec import Spec
+
+
+def groups(colours: torch.Tensor | None, calls: int | None) -> list:
+    """(n,) masks of the samples that share one pass (None: all of them), at most ``calls`` of them."""
+    if colours is None:
+        masks = [None]
+    else:
+        masks = [colours == c for c in torch.unique(colours).tolist()]
+    return masks if calls is None else masks[:max(calls, 1)]
+
+
+def along(mask: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    """A (n,) mask shaped to broadcast along the batch dim ``dim`` of a rank-``rank`` tensor."""
+    shape = [1] * rank
+    shape[dim] = -1
+    return mask.reshape(shape)
+
+
+def merge(done: torch.Tensor | None, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Results (n, ...) of one colour group into those of the others: the group's rows from ``new``.
+    torch.where keeps the result on the autograd graph (create_graph)."""
+    if mask is None:
+        return new
+    m = mask.reshape(-1, *([1] * (new.dim() - 1))).to(new.device)
+    return torch.where(m, new, torch.zeros((), dtype=new.dtype, device=new.device) if done is None else done)
+
+
+def shaped(spec: Spec, out_shape: tuple, second: torch.Tensor, first: torch.Tensor | None) -> list:
+    """Results from (n, n_out, ...) blocks: second is (n, n_out) for a Laplacian, (n, n_out, D) for a
+    diagonal, (n, n_out, D, D) for the full Hessian; first (n, n_out, D). Shapes per Spec.result_shapes."""
+    n = second.shape[0]
+    x = spec.targets[0].shape
+    extra = {"laplacian": (), "diagonal": x, "full": (*x, *x)}[spec.part]
+    res = [second.reshape(n, *out_shape, *extra)]
+    if spec.return_jacobian:
+        res.append(first.reshape(n, *out_shape, *x))
+    return res

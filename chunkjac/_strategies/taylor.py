@@ -1,0 +1,94 @@
+"""Second derivatives by Taylor mode: one forward pass per chunk carries them (see [Second-order
+propagation] in _taylor).
+
+Cost per chunk of n samples (k colour groups when samples are coupled): k passes of fn, each over
+stacks of 1 + D + s vectors per tensor (D per-sample input elements; s = 1 for a Laplacian, D for
+the diagonal, D * D for the full Hessian); no backward pass. Memory: the largest stack fn holds at
+once, (1 + D + s) x its activations, and with create_graph the graph of all of them.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .._function import call, select
+from .._spec import Spec
+from .._taylor import Jet, Layout, TaylorRefused
+from . import double_backward
+from ._second import along, groups, merge, shaped
+
+if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
+    from .._plan import Plan
+
+
+def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
+              calls: int | None = None):
+    """Results of one chunk (see Spec.result_shapes) and fn's outputs. Where Taylor mode cannot follow
+    fn on this chunk (TaylorRefused: the planner's check saw none on its samples, a data-dependent
+    path can still take one), this chunk is computed by reverse over reverse instead: exact either way."""
+    try:
+        return run_strict(spec, plan, args, n, colours, calls)
+    except TaylorRefused:
+        return double_backward.run_chunk(spec, plan, args, n, colours, calls)
+
+
+def run_strict(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
+               calls: int | None = None):
+    """As run_chunk, but a TaylorRefused propagates (the planner's check)."""
+    t = spec.targets[0]
+    i, dim = t.index, spec.in_dims[t.index]
+    x = args[i]
+    if not (spec.create_graph and x.requires_grad):
+        x = x.detach()
+    dims = t.numel
+    lay = Layout(dims, plan.part)
+    eye = torch.eye(dims, dtype=x.dtype, device=x.device).reshape(dims, *t.shape).unsqueeze(1 + dim)
+    second = first = outputs = None
+    for mask in groups(colours, calls):
+        seed = eye if mask is None else eye * along(mask.to(x.device), 1 + dim, eye.dim())
+        d = torch.zeros((lay.size, *x.shape), dtype=x.dtype, device=x.device)
+        d[:dims] = seed
+        a = list(args)
+        a[i] = Jet.of(x, d, lay)
+        with torch.enable_grad() if spec.create_graph else torch.no_grad():
+            out = call(spec, a)
+            y = select(spec, out, n)
+            if tuple(y.shape[1:]) != plan.out_shape:
+                raise ValueError(
+                    f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
+                    f"{tuple(y.shape[1:])} in a chunk of {n} samples; each sample's output must not depend on "
+                    "how many samples are in the batch.")
+            s, j = _blocks(y, lay, n)
+        second, first = merge(second, s, mask), (merge(first, j, mask) if spec.return_jacobian else None)
+        if outputs is None:
+            outputs = tree_map(lambda v: _plain(v, spec.create_graph), out)
+    return shaped(spec, plan.out_shape, second, first), outputs
+
+
+def _plain(v, keep_graph: bool):
+    if isinstance(v, Jet):
+        v = v._v
+    if isinstance(v, torch.Tensor) and not keep_graph:
+        v = v.detach()
+    return v
+
+
+def _blocks(y: torch.Tensor, lay: Layout, n: int):
+    """(second (n, n_out[, D[, D]]), first (n, n_out, D)) from the output's jet."""
+    k = lay.dims
+    if not isinstance(y, Jet):  # the output does not depend on the input: derivatives zero
+        rows = y[0].numel() if n else 0
+        d = torch.zeros((lay.size, n, rows), dtype=y.dtype, device=y.device)
+    else:
+        d = y._d.reshape(lay.size, n, -1)
+    first = d[:k].permute(1, 2, 0)                      # (n, n_out, D)
+    s = d[k:]
+    if lay.part == "laplacian":
+        second = s[0]                                   # (n, n_out)
+    elif lay.part == "diagonal":
+        second = s.permute(1, 2, 0)                     # (n, n_out, D)
+    else:
+        second = s.permute(1, 2, 0).reshape(n, -1, k, k)  # (n, n_out, D, D)
+    return second, first
