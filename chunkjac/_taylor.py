@@ -61,7 +61,7 @@ class Layout:
     def pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The second-order terms of the symmetric product of two first-order stacks (D, *shape)."""
         if self.part == "laplacian":
-            return (a * b).sum(0, keepdim=True)
+            return torch.linalg.vecdot(a, b, dim=0).unsqueeze(0)
         if self.part == "diagonal":
             return a * b
         x = a.unsqueeze(1) * b.unsqueeze(0)
@@ -292,7 +292,47 @@ def _same(out_v, jets):
     return None
 
 
-def _unary(derivs: Callable):
+class _FusedLaplacian(torch.autograd.Function):
+    """(y, out) = (g(v), [g1 J; g1 S + g2 q]) for an elementwise g with derivatives g1, g2, g3 and
+    q = sum_k J_k^2, recorded as one node. Backward, for output gradients Gy, GJ, GS:
+        dJ_k = g1 GJ_k + 2 g2 J_k GS,   dS = g1 GS,
+        dv   = Gy g1 + (sum_k GJ_k J_k + GS S) g2 + GS q g3.
+    Written with torch ops, so it can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, v, y, d, g1, g2, third):
+        k = d.shape[0] - 1
+        q = torch.linalg.vecdot(d[:k], d[:k], dim=0)
+        out = d * g1
+        out[k].addcmul_(g2, q)
+        ctx.save_for_backward(v, y, d, g1, g2, q)
+        ctx.third = third
+        return y, out
+
+    @staticmethod
+    def backward(ctx, gy, gout):
+        v, y, d, g1, g2, q = ctx.saved_tensors
+        k = d.shape[0] - 1
+        gs = gout[k]
+        gd = gout * g1
+        gd[:k].addcmul_(d[:k], 2 * g2 * gs)
+        gv = torch.linalg.vecdot(gout, d, dim=0) * g2
+        gv = gv.addcmul_(gs * q, ctx.third(v, y, g1, g2))
+        if gy is not None:
+            gv = gv.addcmul_(gy, g1)
+        return gv, None, gd, None, None, None
+
+
+_THIRD = {  # the third derivative from (v, y, g1, g2), for the fused training path
+    "tanh": lambda v, y, g1, g2: -2 * (g1 * g1 + y * g2),
+    "sin": lambda v, y, g1, g2: -g1,
+    "cos": lambda v, y, g1, g2: -g1,
+    "exp": lambda v, y, g1, g2: y,
+    "sigmoid": lambda v, y, g1, g2: g2 * (1 - 2 * y) - 2 * g1 * g1,
+}
+
+
+def _unary(derivs: Callable, name: str = ""):
     """An elementwise function of its first argument: derivs(v, y) -> (g', g'') (g'' may be None: zero)."""
 
     def rule(func, args, kwargs):
@@ -307,6 +347,11 @@ def _unary(derivs: Callable):
         k = lay.dims
         if g2 is None:
             out = d * g1
+        elif torch.is_grad_enabled() and name in _THIRD and lay.part == "laplacian" and d.dtype == y.dtype:
+            # A training step's hot path: one node with its backward written out, instead of the
+            # elementwise passes autograd would record for the rule below.
+            y, out = _FusedLaplacian.apply(v, y, d, g1, g2, _THIRD[name])
+            return Jet.of(y, out, lay)
         elif torch.is_grad_enabled():
             # Recorded for a backward pass (create_graph): a write into a slice would cost the backward
             # a zero-filled gradient per slice (measured: a quarter of a PINN training step); cat's
@@ -416,7 +461,7 @@ def _unary_rule(name):
     def guarded(v, y, rest, kw):
         return derivs(v, y, rest, kw)
 
-    inner = _unary(guarded)
+    inner = _unary(guarded, name)
 
     def rule(func, args, kwargs):
         try:
