@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import CouplingWarning, __version__, compute, plan
+from . import CouplingWarning, __version__, compute, hessian, plan
 
 
 def pinn_mlp(width: int = 128, depth: int = 3, dim: int = 3) -> nn.Module:
@@ -121,6 +121,8 @@ def _call_options(args: argparse.Namespace) -> dict:
                 budget=args.budget, device=args.device, chunk_size=args.chunk_size, coupling=args.coupling)
     if args.max_seconds is not None:
         opts["max_seconds"] = args.max_seconds
+    if getattr(args, "part", None) is not None:
+        opts["part"] = args.part
     return opts
 
 
@@ -191,13 +193,16 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
     else:
         print(f"plan: {p}", flush=True)
-        size = p.batch_size * math.prod(p.out_shape) * sum(p.in_numels) * p.dtype.itemsize
+        per_out = {None: sum(p.in_numels), "laplacian": 1, "diagonal": p.in_numels[0],
+                   "full": p.in_numels[0] ** 2}[p.part]
+        size = p.batch_size * math.prod(p.out_shape) * per_out * p.dtype.itemsize
         print(f"      the estimate is compute only; writing {size / 1e9:,.2f} GB to {out} comes on top "
               "(at the disk's speed)", flush=True)
     t = time.perf_counter()
     with warnings.catch_warnings(), _MemoryWatch() as watch:
         warnings.simplefilter("ignore", CouplingWarning)  # plan() above has shown it
-        J = compute(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, plan=p, **opts)
+        run = compute if "part" not in opts else hessian
+        J = run(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, plan=p, **opts)
     dt = time.perf_counter() - t
     ran = J.shape[0] - before
     print(f"wrote: {out}  {tuple(J.shape)} {J.dtype}  (np.load({out!r}, mmap_mode='r'))")
@@ -230,6 +235,9 @@ def _add_call_options(p: argparse.ArgumentParser) -> None:
                    help="which samples interact (default auto: checked)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: where the model is)")
     p.add_argument("--chunk-size", type=_positive_int, default=None, help="samples per chunk (default: planned)")
+    p.add_argument("--part", default=None, choices=["laplacian", "diagonal", "full"],
+                   help="second derivatives instead of the Jacobian: the Laplacian (B, *out), the Hessian's "
+                        "diagonal (B, *out, *in) or the full Hessian (B, *out, *in, *in)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="refuse coupled runs predicted to take longer (default 3600)")
     p.add_argument("--deterministic", action="store_true",

@@ -198,7 +198,8 @@ class Plan:
             return (f"{self.part}: Taylor mode, {passes} carrying the value, {dims:,} direction"
                     f"{'s' * (dims != 1)} and {terms}")
         vjps = self.products_per_chunk[0]
-        return f"{self.part}: reverse over reverse, {vjps:,} VJPs {per} ({self.rows_per_vjp:,} Hessian rows per call)"
+        return (f"{self.part}: reverse over reverse, {vjps:,} VJP call{'s' * (vjps != 1)} {per} "
+                f"({self.rows_per_vjp:,} Hessian row{'s' * (self.rows_per_vjp != 1)} per call)")
 
 
 def _format_seconds(s: float) -> str:

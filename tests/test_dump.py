@@ -372,6 +372,22 @@ def test_cli_dump_then_plan(workdir, capsys):
     assert capsys.readouterr().out.startswith("plan: 20,000 samples in ")
 
 
+def test_cli_dumps_a_laplacian(workdir, capsys):
+    out = str(workdir / "lap.npy")
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x.npy"), out, "--part", "laplacian",
+                 "--chunk-size", "5000", "--quiet"]) == 0
+    assert "laplacian: Taylor mode" in capsys.readouterr().out
+    x = torch.from_numpy(np.load(workdir / "x.npy"))
+    sys.path.insert(0, str(workdir))
+    try:
+        import model
+        ref = chunkjac.laplacian(model.make(), x)
+    finally:
+        sys.path.remove(str(workdir))
+    assert np.load(out).shape == tuple(ref.shape)
+    np.testing.assert_allclose(np.load(out), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["dump", "{w}/missing.py:make", "{w}/x.npy", "{w}/j.npy"], "does not exist"),
     (["dump", "{w}/model.py:nothing", "{w}/x.npy", "{w}/j.npy"], "has no callable named 'nothing'"),

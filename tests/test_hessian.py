@@ -189,21 +189,29 @@ def test_wrong_forward_over_forward_is_caught_and_reverse_over_reverse_used():
         chunkjac.laplacian(f, x, mode="forward")
 
 
-def test_create_graph_gradients_match_the_seed_loop():
+@pytest.mark.parametrize("act", [nn.Tanh(), Sin(), nn.Sigmoid(), nn.Softplus()], ids=lambda a: type(a).__name__)
+def test_create_graph_gradients_match_the_seed_loop(act):
+    # tanh, sin and sigmoid take the fused training path (a written-out backward); softplus does not.
     torch.manual_seed(4)
-    f = mlp(nn.Tanh(), d_in=2, d_out=1, width=16)
+    f = mlp(act, d_in=2, d_out=1, width=16)
     x = torch.randn(200, 2, dtype=torch.double)
     src = torch.randn(200, 1, dtype=torch.double)
     for mode in ("auto", "reverse"):
         lap, u = chunkjac.laplacian(f, x, create_graph=True, return_outputs=True, mode=mode, chunk_size=64)
         loss = ((lap - src) ** 2).mean() + (u ** 2).mean()
-        ours = torch.autograd.grad(loss, list(f.parameters()))
+        ours = torch.autograd.grad(loss, list(f.parameters()), create_graph=True)
         xr = x.clone().requires_grad_(True)
         y = f(xr)
         (g,) = torch.autograd.grad(y.sum(), xr, create_graph=True)
         ref_lap = sum(torch.autograd.grad(g[:, k].sum(), xr, create_graph=True)[0][:, k] for k in range(2))[:, None]
-        ref = torch.autograd.grad(((ref_lap - src) ** 2).mean() + (y ** 2).mean(), list(f.parameters()))
+        ref = torch.autograd.grad(((ref_lap - src) ** 2).mean() + (y ** 2).mean(), list(f.parameters()),
+                                  create_graph=True)
         for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+        # and once more (a gradient penalty on the parameters' gradient): the backward differentiates too
+        again = torch.autograd.grad(sum((a ** 2).sum() for a in ours), list(f.parameters()))
+        ref_again = torch.autograd.grad(sum((b ** 2).sum() for b in ref), list(f.parameters()))
+        for a, b in zip(again, ref_again):
             torch.testing.assert_close(a, b)
 
 
