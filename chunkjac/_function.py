@@ -268,6 +268,25 @@ def shielded(modules: list[nn.Module]):
             m._buffers.update(buffers)
 
 
+@contextlib.contextmanager
+def detached_parameters(modules: list[nn.Module]):
+    """Run fn with the parameters of ``modules`` detached (same values, no autograd history): a pass
+    whose results need no graph records none, even with gradients enabled (which fn's own
+    torch.no_grad() blocks must be told from). The user's Parameter objects are put back on the way out."""
+    saved = [(m, dict(m._parameters)) for m in modules]
+    plain: dict[int, torch.Tensor] = {}
+    for m, params in saved:
+        for k, v in params.items():
+            if v is not None:
+                m._parameters[k] = plain.setdefault(id(v), v.detach())
+    try:
+        yield
+    finally:
+        for m, params in saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+
+
 def detach_all(out: Any) -> Any:
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
 

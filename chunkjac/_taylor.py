@@ -25,6 +25,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 import weakref
@@ -41,6 +43,20 @@ PARTS = ("full", "diagonal", "laplacian")
 
 class TaylorRefused(Exception):
     """fn does something Taylor mode cannot follow exactly; the message says what."""
+
+
+_PASS: contextvars.ContextVar = contextvars.ContextVar("chunkjac_taylor_pass", default=None)
+
+
+@contextlib.contextmanager
+def taylor_pass():
+    """The scope of one Taylor pass. Jets made in it belong to it; outside it (a jet fn kept in a hook
+    list or on a module, and used later), a jet is its plain value, as a tensor fn saw would be."""
+    token = _PASS.set(object())
+    try:
+        yield
+    finally:
+        _PASS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -81,40 +97,66 @@ class Jet(torch.Tensor):
     _v: torch.Tensor
     _d: torch.Tensor
     _lay: Layout
-    _viewed_from: Any    # a weak reference to the jet this one is a view of, or None
-    _views: list  # weak references to the jets that are views of this one
+    _root: Any    # a weak reference to the jet whose memory this one views, or None
+    _views: list  # weak references to the jets that view this one's memory (this one being their root)
+    _pass: Any    # the Taylor pass that made it (see taylor_pass)
 
     @staticmethod
     def of(v: torch.Tensor, d: torch.Tensor, lay: Layout) -> "Jet":
         j = v.as_subclass(Jet)
-        j._v, j._d, j._lay, j._viewed_from, j._views = v, d, lay, None, []
+        j._v, j._d, j._lay, j._root, j._views, j._pass = v, d, lay, None, [], _PASS.get()
         return j
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        current = _PASS.get()
+        if current is None or _stale(args, kwargs, current):
+            # Outside its pass (a jet kept by a hook, on a module, across calls): its plain value.
+            args, kwargs = _values((args, kwargs), current)
+            if not any(isinstance(a, Jet) for a in tree_flatten((args, kwargs))[0]):
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **kwargs)
         composite = _COMPOSITES.get(func)
-        if composite is not None:
-            return _composite(composite, func, args, kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            if func in _META:
+        if func in _META:
+            with torch._C.DisableTorchFunctionSubclass():
                 return func(*[a._v if isinstance(a, Jet) else a for a in args], **kwargs)
-            try:
+        try:
+            if composite is not None:
+                return _composite(composite, func, args, kwargs)
+            body = _python_body(func) if func not in _RULES else None
+            if body is not None and torch.is_grad_enabled():
+                return body(*args, **kwargs)  # its ops meet their rules (see _python_body)
+            with torch._C.DisableTorchFunctionSubclass():
                 return _dispatch(func, args, kwargs)
-            except TaylorRefused:
+        except TaylorRefused:
+            raise
+        except Exception as e:
+            if _is_oom(e):
                 raise
-            except Exception as e:
-                if _is_oom(e):
-                    raise
-                # A rule that cannot follow this call (or fn's own error on these values): the
-                # caller computes the derivatives another way, where fn's own error shows as itself.
-                raise TaylorRefused(f"{_name(func)} failed under Taylor mode: "
-                                    f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from e
+            # A rule that cannot follow this call (or fn's own error on these values): the caller
+            # computes the derivatives another way, where fn's own error shows as itself.
+            raise TaylorRefused(f"{_name(func)} failed under Taylor mode: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from e
 
 
-def _values(tree):
+def _values(tree, keep=None):
+    """tree with jets replaced by their values (those of pass ``keep`` kept as jets)."""
     flat, spec = tree_flatten(tree)
-    return tree_unflatten([a._v if isinstance(a, Jet) else a for a in flat], spec)
+    return tree_unflatten([a._v if isinstance(a, Jet) and (keep is None or a._pass is not keep) else a
+                           for a in flat], spec)
+
+
+def _stale(args, kwargs, current) -> bool:
+    """Whether a jet of another pass is among the arguments (top level and one level of lists)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Jet):
+            if a._pass is not current:
+                return True
+        elif isinstance(a, (list, tuple)):
+            if any(isinstance(e, Jet) and e._pass is not current for e in a):
+                return True
+    return False
 
 
 def _jets(args, kwargs) -> list[Jet]:
@@ -134,6 +176,15 @@ _SAFE_LEAVES = (torch.Tensor, int, float, bool, complex, str, type(None), torch.
 
 
 def _dispatch(func, args, kwargs):
+    if not torch.is_grad_enabled():
+        # fn's own torch.no_grad() block, or the forward of a custom autograd.Function (run without
+        # grad): reverse mode sees a constant there, or the Function's own backward. Taylor mode
+        # cannot tell the two apart, so a float result computed from the input is refused.
+        out = func(*_values(args), **_values(kwargs))
+        if any(_floating(t) for t in tree_flatten(out)[0]):
+            raise TaylorRefused(f"fn calls {_name(func)} on a tensor computed from the input with gradients off "
+                                "(torch.no_grad() inside fn, or a custom autograd.Function)")
+        return out
     at = _INPLACE_AT.get(func)
     if at is not None and len(args) > at:  # F.relu(x, True): the flag by name, as below
         kwargs = {**kwargs, "inplace": args[at]}
@@ -143,10 +194,37 @@ def _dispatch(func, args, kwargs):
         return _inplace(func, args, kwargs, inplace)
     if func in _REFUSED:
         raise TaylorRefused(f"fn calls {_name(func)} on a tensor computed from the input")
+    if func in _WRONG_FORWARD_OVER_FORWARD:
+        raise TaylorRefused(f"PyTorch's forward-over-forward derivative of {_name(func)} is wrong")
     rule = _RULES.get(func)
     if rule is not None:
         return rule(func, args, kwargs)
     return _generic(func, args, kwargs)
+
+
+_BODIES: dict = {}
+_NO_OVERRIDE = {"has_torch_function": lambda *a: False, "has_torch_function_unary": lambda *a: False,
+                "has_torch_function_variadic": lambda *a: False}
+
+
+def _python_body(func):
+    """For a torch.nn.functional function written in Python (multi_head_attention_forward, softmax's
+    wrappers, ...): a copy of it whose own override check is off, so that its body runs on the jets
+    and each op inside meets its rule (the generic rule on the whole would nest forward mode through
+    kernels that may have none). None for anything else."""
+    if func in _BODIES:
+        return _BODIES[func]
+    body = None
+    code = getattr(func, "__code__", None)
+    if code is not None and getattr(func, "__module__", None) in ("torch.nn.functional", "torch.functional") \
+            and any(n in code.co_names for n in _NO_OVERRIDE):
+        import types
+        body = types.FunctionType(code, {**func.__globals__, **_NO_OVERRIDE}, func.__name__, func.__defaults__,
+                                  func.__closure__)
+        body.__kwdefaults__ = func.__kwdefaults__
+    _BODIES[func] = body
+    return body
+
 
 
 def _name(func) -> str:
@@ -185,7 +263,7 @@ def _inplace(func, args, kwargs, target):
     if not isinstance(target, Jet):
         raise TaylorRefused(f"fn writes a value computed from the input into another tensor in place "
                             f"({_name(func)}); write it out of place (torch.cat, torch.stack, torch.where)")
-    if (target._viewed_from is not None and target._viewed_from() is not None) or any(r() is not None for r in target._views):
+    if (target._root is not None and target._root() is not None) or any(r() is not None for r in target._views):
         # A write through one of two aliases must show in the other; the jets' stacks are not shared.
         raise TaylorRefused(f"fn writes in place ({_name(func)}) into a tensor computed from the input "
                             "while a view of it (or the tensor it views) is alive")
@@ -214,11 +292,15 @@ def _inplace(func, args, kwargs, target):
         if v.shape != target._v.shape:
             v = v.expand_as(target._v)
             d = d.expand(d.shape[0], *target._v.shape)
-        target._v, target._d = v.to(target._v.dtype), d.to(target._v.dtype)
+        d = d.to(target._v.dtype)
     else:
         # A constant now (zero_(), fill_(), a write of constants over all of it): no derivatives.
-        target._v = new.to(target._v.dtype).expand_as(target._v)
-        target._d = torch.zeros((target._lay.size, *target._v.shape), dtype=target._v.dtype, device=target._v.device)
+        v = new.expand_as(target._v)
+        d = torch.zeros((target._lay.size, *target._v.shape), dtype=target._v.dtype, device=target._v.device)
+    # The value is written where it was, as fn's write would be: plain tensors sharing its memory
+    # (a .detach() taken before) see it. (A write autograd refuses is a TaylorRefused, see Jet.)
+    target._v.copy_(v)
+    target._d = d
     return target
 
 
@@ -275,13 +357,15 @@ def _alias_of(out_v: torch.Tensor, jets: list[Jet]) -> bool:
 
 
 def _mark(out, jets: list[Jet]):
-    """Results that share memory with an input jet (views) are linked to it: while both live, neither
-    may be written in place (see _inplace)."""
+    """Results that share memory with an input jet (views) are linked to the jet whose memory it is
+    (the root of views of views): while a view lives, neither it nor its root may be written in
+    place (see _inplace), since their stacks are not shared."""
     for j in tree_flatten(out)[0]:
         if isinstance(j, Jet) and _alias_of(j._v, jets):
             base = next(i for i in jets if _alias_of(j._v, [i]))
-            j._viewed_from = weakref.ref(base)
-            base._views.append(weakref.ref(j))
+            root = base._root() if base._root is not None and base._root() is not None else base
+            j._root = weakref.ref(root)
+            root._views.append(weakref.ref(j))
     return out
 
 
@@ -346,14 +430,15 @@ def _unary(derivs: Callable, name: str = ""):
             return _generic(func, args, kwargs, y)
         g1, g2 = derivs(v, y, args[1:], kwargs)
         k = lay.dims
+        record = torch.is_grad_enabled() and (d.requires_grad or y.requires_grad)  # for a backward pass
         if g2 is None:
             out = d * g1
-        elif torch.is_grad_enabled() and name in _THIRD and lay.part == "laplacian" and d.dtype == y.dtype:
+        elif record and name in _THIRD and lay.part == "laplacian" and d.dtype == y.dtype:
             # A training step's hot path: one node with its backward written out, instead of the
             # elementwise passes autograd would record for the rule below.
             y, out = _FusedLaplacian.apply(v, y, d, g1, g2, _THIRD[name])
             return Jet.of(y, out, lay)
-        elif torch.is_grad_enabled():
+        elif record:
             # Recorded for a backward pass (create_graph): a write into a slice would cost the backward
             # a zero-filled gradient per slice (measured: a quarter of a PINN training step); cat's
             # backward is views.
@@ -549,9 +634,10 @@ def _linear(summands):
 
 
 def _zero(a):
+    """A summand's derivative: zero, whatever its type (an int or bool tensor, True, 3.0)."""
     if isinstance(a, torch.Tensor):
-        return torch.zeros_like(a) if _floating(a) else a
-    return 0 if isinstance(a, (int, float, complex)) and not isinstance(a, bool) else a
+        return torch.zeros_like(a)
+    return 0 if isinstance(a, (int, float, complex, bool)) else a
 
 
 def _summand_leaves(args, kwargs, which, flat) -> set:
@@ -561,7 +647,8 @@ def _summand_leaves(args, kwargs, which, flat) -> set:
         tags.append(i in which)
     tagged = ([(_Tag(a) if t and not isinstance(a, (list, tuple)) else
                 ([_Tag(e) for e in a] if t else a)) for a, t in zip(args, tags)],
-              {k: (_Tag(v) if k in ("other", "input") else v) for k, v in kwargs.items()})
+              {k: (_Tag(v) if k in ("other", "input") else [_Tag(e) for e in v] if k == "tensors" else v)
+               for k, v in kwargs.items()})
     leaves = tree_flatten(tagged)[0]
     return {i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tag)}
 
@@ -616,7 +703,7 @@ def _mul(func, args, kwargs):
 def _div(func, args, kwargs):
     a, b = args[0], args[1]
     name = getattr(func, "__name__", "")
-    if name == "__rtruediv__":
+    if name in ("__rtruediv__", "__rdiv__"):  # (Tensor.__rtruediv__ is named __rdiv__)
         a, b = b, a
     rounding = kwargs.get("rounding_mode", args[2] if len(args) > 2 else None)
     if rounding is not None or len(args) > 3:
@@ -706,6 +793,7 @@ def _generic(func, args, kwargs, out=None):
 
     firsts = tuple(flat[i]._d[:k] for i in pos)
     seconds = tuple(flat[i]._d[k:] for i in pos)
+    _load_decompositions()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*performance drop.*")
@@ -733,6 +821,16 @@ def _generic(func, args, kwargs, out=None):
     return _mark(result, jets)
 
 
+def _load_decompositions() -> None:
+    """torch.func.jvp loads its decompositions through torch.jit.script on first use, which warns
+    DeprecationWarning: under -W error every generic rule would fail. Loaded quietly, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+        if load is not None:
+            load()
+
+
 def _is_oom(e: BaseException) -> bool:
     from ._errors import is_out_of_memory
     return is_out_of_memory(e)
@@ -755,6 +853,14 @@ for _n in ("size", "dim", "numel", "nelement", "is_floating_point", "is_complex"
 _META.discard(None)
 
 _REFUSED = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
+# Measured against finite differences: their second derivatives by nested forward mode are wrong.
+# (The normalisations among them are taken by definition when called through torch.nn.functional.)
+_WRONG_FORWARD_OVER_FORWARD = {f for f in (
+    getattr(torch.linalg, "det", None), torch.det, torch.Tensor.det, torch.logdet, torch.Tensor.logdet,
+    torch.slogdet, torch.Tensor.slogdet, getattr(torch.linalg, "slogdet", None), torch.linalg.solve,
+    torch.linalg.solve_ex, torch.cholesky_inverse, torch.Tensor.cholesky_inverse, torch.layer_norm,
+    torch.group_norm, torch.batch_norm, torch.instance_norm, getattr(torch, "rms_norm", None),
+    torch.native_layer_norm) if f is not None}
 
 _RULES: dict[Any, Callable] = {}
 
@@ -774,12 +880,13 @@ _register(["linear"], _linear_layer, (F,))
 for _n in ("conv1d", "conv2d", "conv3d"):
     _register([_n], _affine(2), (F, torch))
 _register(["mul", "multiply", "__mul__", "__rmul__"], _mul)
-_register(["div", "divide", "true_divide", "__truediv__", "__rtruediv__"], _div)
+_register(["div", "divide", "true_divide", "__truediv__", "__rtruediv__", "__div__", "__rdiv__"], _div)
 _register(["matmul", "mm", "bmm", "__matmul__", "__rmatmul__", "mv", "outer", "dot", "inner", "ger"], _bilinear)
 _register(["add", "sub", "subtract", "__add__", "__radd__", "__sub__", "__rsub__"], _linear({0, 1}))
 _register(["neg", "negative", "__neg__", "__pos__", "positive"], _linear({0}))
 _register(["cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "column_stack"], _linear({0}))
-_register(["where"], _linear({1, 2}))
+_register(["where"], _linear({1, 2}), (torch,))
+_RULES[torch.Tensor.where] = _linear({0, 2})  # self.where(condition, other)
 _register(["sum", "mean", "reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
            "reshape_as", "ravel", "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t",
            "__getitem__", "select", "narrow", "index_select", "gather", "take_along_dim", "split", "chunk",
@@ -852,8 +959,6 @@ def _normalise(x, dims, eps):
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if isinstance(weight, Jet) or isinstance(bias, Jet) or not isinstance(input, Jet):
-        raise _UseGeneric
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     y = _normalise(input, dims, eps)
     if weight is not None:
@@ -864,8 +969,6 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def _rms_norm(input, normalized_shape, weight=None, eps=None):
-    if isinstance(weight, Jet) or not isinstance(input, Jet):
-        raise _UseGeneric
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     eps = torch.finfo(input.dtype).eps if eps is None else eps
     y = input * torch.rsqrt((input * input).mean(dims, keepdim=True) + eps)
@@ -873,8 +976,6 @@ def _rms_norm(input, normalized_shape, weight=None, eps=None):
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    if isinstance(weight, Jet) or isinstance(bias, Jet) or not isinstance(input, Jet):
-        raise _UseGeneric
     shape = input.shape
     y = _normalise(input.reshape(shape[0], num_groups, -1), (-1,), eps).reshape(shape)
     affine = (1, shape[1]) + (1,) * (len(shape) - 2)
@@ -887,7 +988,7 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                 eps=1e-5):
-    if any(isinstance(t, Jet) for t in (running_mean, running_var, weight, bias)) or not isinstance(input, Jet):
+    if any(isinstance(t, Jet) for t in (running_mean, running_var)):
         raise _UseGeneric
     shape = input.shape
     affine = (1, shape[1]) + (1,) * (len(shape) - 2)
@@ -905,7 +1006,7 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
 
 def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                    momentum=0.1, eps=1e-5):
-    if any(isinstance(t, Jet) for t in (running_mean, running_var, weight, bias)) or not isinstance(input, Jet):
+    if any(isinstance(t, Jet) for t in (running_mean, running_var)):
         raise _UseGeneric
     shape = input.shape
     affine = (1, shape[1]) + (1,) * (len(shape) - 2)
@@ -920,6 +1021,22 @@ def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias
     return y
 
 
-_COMPOSITES = {F.layer_norm: _layer_norm, F.instance_norm: _instance_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm}
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention by its definition (its fused CPU kernels have no second
+    derivatives by either mode)."""
+    if dropout_p or enable_gqa or isinstance(attn_mask, Jet):
+        raise _UseGeneric
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        lq, lk = query.shape[-2], key.shape[-2]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, -1) @ value
+
+
+_COMPOSITES = {F.scaled_dot_product_attention: _attention, F.layer_norm: _layer_norm, F.instance_norm: _instance_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm}
 if hasattr(F, "rms_norm"):
     _COMPOSITES[F.rms_norm] = _rms_norm

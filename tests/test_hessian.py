@@ -1,5 +1,6 @@
 """chunkjac.hessian / chunkjac.laplacian: every part, both strategies, against independent references
 (torch.func.vmap(hessian), the per-sample Hessians of torch.autograd.functional, the seed's loop)."""
+import copy
 import subprocess
 import sys
 import warnings
@@ -318,3 +319,96 @@ def test_ops_without_second_derivatives_give_chunkjac_errors_in_a_child_process(
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.split()
     assert len(lines) == 15 and lines.count("exact") >= 9, r.stdout
+
+
+# Regressions from an adversarial review: each case branches on the data so that samples 0-1 (where
+# a check on the first samples alone would look) take one path and samples 4-7 another.
+class _ClipGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        return torch.where(z.abs() > 9, 0 * g, g)
+
+
+def _view_of_view(x):
+    h = x * 2
+    first = h.view(-1, 3)[:, 0]  # a view of a temporary view of h
+    h.clamp_(max=3.0)            # must show in `first`
+    return first[:, None] ** 2 + h
+
+
+def _detached_alias(x):
+    h = x * 2
+    snap = h.detach()            # shares h's memory
+    h.clamp_(max=3.0)
+    return x ** 2 * snap
+
+
+def _no_grad_block(x):
+    with torch.no_grad():
+        s = torch.where(x.abs() > 3, x.abs(), torch.ones_like(x))
+    return torch.sin(x) / s
+
+
+BRANCHY = {
+    "scalar over jet": lambda x: torch.where(x > 3, 1.0 / x, x ** 2),
+    "int tensor branch": lambda x: torch.where(x > 3, torch.tensor(3), x ** 2),
+    "plain.where(cond, jet)": lambda x: torch.tensor(9.0, dtype=x.dtype).where(x > 3, x ** 2),
+    "bool summand": lambda x: torch.sin(x) + (x > 3),
+    "cat tensors=": lambda x: torch.cat(tensors=[x ** 2, torch.ones_like(x)], dim=1),
+    "view of a view written in place": _view_of_view,
+    "detached alias written in place": _detached_alias,
+    "no_grad block": _no_grad_block,
+    "custom autograd.Function": lambda x: _ClipGrad.apply(x ** 2) ** 2,
+}
+
+
+@pytest.mark.parametrize("name", list(BRANCHY))
+def test_data_dependent_paths_are_exact_on_every_sample(name):
+    f = BRANCHY[name]
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.double)
+    x[4:] += 5
+    lap, out = chunkjac.laplacian(f, x, return_outputs=True)
+    torch.testing.assert_close(lap, hessian_blocks(f, x, "laplacian"))
+    torch.testing.assert_close(out, f(x.clone()))
+
+
+def test_outputs_of_very_different_scales_are_each_checked():
+    x = torch.randn(6, 3)
+    f = lambda z: torch.cat([1e5 * z ** 2, 1 / (z + 3)], 1)  # noqa: E731
+    lap = chunkjac.laplacian(f, x)
+    ref = hessian_blocks(lambda z: f(z.float()).double(), x.double(), "laplacian").float()
+    torch.testing.assert_close(lap[:, 3:], ref[:, 3:], rtol=1e-3, atol=1e-5)
+
+
+def test_a_jet_kept_by_a_hook_is_a_plain_tensor_afterwards():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    feats = []
+    m[1].register_forward_hook(lambda mod, i, o: feats.append(o))
+    chunkjac.laplacian(m, torch.randn(6, 3))
+    kept = feats[-1]  # a jet of a finished pass: every op on it treats it as its value
+    value = m(torch.zeros(1, 3)) * 0  # (any plain tensor, to compare types)
+    assert type(kept * 2) is type(value) and type(kept.sum()) is type(value)
+    assert type(copy.deepcopy(kept)) is type(value)
+    torch.testing.assert_close(kept * 2, torch.tensor(kept.tolist()) * 2)
+
+
+def test_transformer_layer_by_definition_where_no_other_route_exists():
+    # PyTorch's fused CPU attention kernel has neither forward-over-forward nor double-backward
+    # derivatives; Taylor mode runs multi_head_attention_forward's own body and attention by its
+    # definition. Reference: central differences.
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().eval()
+    f = lambda z: layer(z.reshape(-1, 4, 8))[:, 0, :2]  # noqa: E731 - 4 tokens of 8 features per sample
+    x = torch.randn(5, 32, dtype=torch.double)
+    lap = chunkjac.laplacian(f, x)
+    h = 1e-4
+    with torch.no_grad():
+        fd = sum((f(x + e) - 2 * f(x) + f(x - e)) / h ** 2 for e in torch.eye(32, dtype=x.dtype) * h)
+    torch.testing.assert_close(lap, fd, rtol=1e-5, atol=1e-5)

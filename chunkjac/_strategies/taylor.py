@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._pytree import tree_map
 
-from .._function import call, select
+import contextlib
+
+from .._function import call, detached_parameters, reached_modules, select
 from .._spec import Spec
-from .._taylor import Jet, Layout, TaylorRefused
+from .._taylor import Jet, Layout, TaylorRefused, taylor_pass
 from . import double_backward
 from ._second import along, groups, merge, shaped
 
@@ -46,15 +48,23 @@ def run_strict(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor
     lay = Layout(dims, plan.part)
     eye = torch.eye(dims, dtype=x.dtype, device=x.device).reshape(dims, *t.shape).unsqueeze(1 + dim)
     second = first = outputs = None
+    # Gradients stay on, so that fn's own torch.no_grad() blocks show (see _taylor._dispatch); without
+    # create_graph the parameters are detached, so that the pass records no graph all the same.
+    modules = None if spec.create_graph else reached_modules(spec)
     for mask in groups(colours, calls):
         seed = eye if mask is None else eye * along(mask.to(x.device), 1 + dim, eye.dim())
         d = torch.zeros((lay.size, *x.shape), dtype=x.dtype, device=x.device)
         d[:dims] = seed
         a = list(args)
-        a[i] = Jet.of(x, d, lay)
-        with torch.enable_grad() if spec.create_graph else torch.no_grad():
+        plain = contextlib.nullcontext() if modules is None else detached_parameters(modules)
+        with taylor_pass(), torch.enable_grad(), plain:
+            a[i] = Jet.of(x, d, lay)
             out = call(spec, a)
             y = select(spec, out, n)
+            if not isinstance(y, Jet):
+                # The derivatives were lost on the way (a torch.func transform or TorchScript inside fn,
+                # or fn's output does not depend on x): reverse over reverse says which, exactly.
+                raise TaylorRefused("fn's output does not carry Taylor mode's derivatives")
             if tuple(y.shape[1:]) != plan.out_shape:
                 raise ValueError(
                     f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
