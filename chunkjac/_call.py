@@ -74,10 +74,10 @@ def _check_unmodified(inputs, versions) -> None:
 
 def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
              chunk_size, max_seconds, given: Plan | None = None, part: str | None = None,
-             return_jacobian: bool = False):
+             return_jacobian: bool = False, flat: bool = False):
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                      create_graph=create_graph, return_outputs=return_outputs, device=device, part=part,
-                     return_jacobian=return_jacobian)
+                     return_jacobian=return_jacobian, flat=flat)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
@@ -289,6 +289,7 @@ def compute(
     out: Any = None,
     resume: bool = True,
     plan: Plan | None = None,
+    flat: bool = False,
 ):
     """Per-sample Jacobians ``J[i] = d fn(x)_i / d x_i`` for every sample i of a batch.
 
@@ -300,8 +301,13 @@ def compute(
             gives one positional input per position of its items; values that are not tensors are
             passed through unchanged.
         wrt: what to differentiate with respect to: an input index (int, default 0), a parameter or
-            buffer of ``fn`` (its name, or the ``nn.Parameter`` itself), or a tuple of those (then a
-            tuple of Jacobians is returned, in the same order).
+            buffer of ``fn`` (its name, or the ``nn.Parameter`` itself), a tuple of those (then a
+            tuple of Jacobians is returned, in the same order), a list of those (a dict keyed by the
+            items, a Parameter by its name), or ``"params"``: every trainable parameter of the module,
+            a dict name -> (B, *out, *param.shape) in ``named_parameters()`` order (a tied parameter
+            once, under its first name, with its total derivative over every use).
+        flat: with a dict result, one (B, *out, P) tensor instead: the Jacobians flattened and
+            concatenated along the last dim in the dict's order.
         output: index or key of the output to differentiate when ``fn`` returns several.
         in_dims: the batch dim of each input, as in ``torch.vmap``: an int for every tensor input,
             or a tuple with one int or None per input. None marks an input shared by all samples.
@@ -359,14 +365,15 @@ def compute(
         torch.Size([3, 10, 5])
     """
     return _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
-                chunk_size, progress, max_seconds, out, resume, plan)
+                chunk_size, progress, max_seconds, out, resume, plan, flat=flat)
 
 
 def _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device, chunk_size,
-         progress, max_seconds, out, resume, plan, part=None, return_jacobian=False):
+         progress, max_seconds, out, resume, plan, part=None, return_jacobian=False, flat=False):
     versions = _versions(inputs)
     spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                       device, chunk_size, max_seconds, given=plan, part=part, return_jacobian=return_jacobian)
+                       device, chunk_size, max_seconds, given=plan, part=part, return_jacobian=return_jacobian,
+                       flat=flat)
     _check_unmodified(inputs, versions)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")

@@ -62,8 +62,19 @@ def open_output(spec: Spec, plan: Plan, out, resume: bool) -> Output:
     if spec.create_graph:
         raise ValueError("chunkjac: out= cannot hold Jacobians on the autograd graph; leave out=None with "
                          "create_graph=True.")
+    if spec.flat:
+        raise ValueError("chunkjac: flat=True with out=: dump the dict instead (out='folder/' writes one .npy per "
+                         "parameter) and concatenate afterwards, or leave out=None.")
     if isinstance(out, (str, os.PathLike)):
-        return _open_npy(spec, plan, os.fspath(out), resume)
+        path = os.fspath(out)
+        if spec.keys is not None:
+            return _open_folder(spec, plan, path, resume)
+        return _open_npy(spec, plan, path, resume)
+    if isinstance(out, dict) and spec.keys is not None:
+        if set(out) != set(spec.keys):
+            raise ValueError(f"chunkjac: out is a dict with keys {sorted(map(str, out))}, but the result's keys are "
+                             f"{list(spec.keys)}; give one preallocated tensor per key.")
+        out = tuple(out[k] for k in spec.keys)
     outs = [out] if spec.single else out
     if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs) \
             or len(outs) != spec.results:
@@ -106,18 +117,49 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"chunkjac: cannot write {path}: the directory {folder} is not writable.")
     (shape,) = result_shapes(spec, plan)
+    return _open_files(spec, plan, path, [(path, shape)], resume)
+
+
+def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool) -> Output:
+    """out='folder/' for a dict result: folder/<key>.npy per key, one manifest (folder/jacobians.chunkjac.json)."""
+    if spec.return_outputs:
+        raise ValueError("chunkjac: return_outputs=True with a dump: the outputs are not stored in the files, "
+                         "and a resumed dump does not recompute them. Compute them separately.")
+    if folder.endswith(".npy"):
+        raise ValueError(f"chunkjac: out={folder!r} names a .npy file, but the result is a dict (one array per "
+                         "parameter): pass a folder (out='jacobians/'), which gets one .npy per key and a manifest.")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"chunkjac: out={folder!r} is a file; a dict result (one array per parameter) is dumped "
+                         "into a folder: pass a folder path (it is created if missing).")
+    parent = os.path.dirname(os.path.abspath(folder.rstrip("/\\")))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"chunkjac: cannot create {folder}: the directory {parent} does not exist.")
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"chunkjac: cannot write into {folder}: it is not writable.")
+    names = [str(k) if not isinstance(k, int) else f"input{k}" for k in spec.keys]
+    files = [(os.path.join(folder, f"{n}.npy"), shape) for n, shape in zip(names, result_shapes(spec, plan))]
+    return _open_files(spec, plan, os.path.join(folder, "jacobians"), files, resume)
+
+
+def _open_files(spec: Spec, plan: Plan, base: str, files: list, resume: bool) -> Output:
+    """A dump into the .npy files ``files`` ((path, shape) each), its manifest and lock at ``base``."""
     dtype = _numpy_dtype(plan.dtype)
-    fp = _manifest.fingerprint(spec, shape, plan.dtype)
-    lock = _lock(path)
+    shapes = [s for _, s in files]
+    fp = _manifest.fingerprint(spec, shapes[0], plan.dtype)
+    if len(files) > 1 or base != files[0][0]:
+        fp["result"]["files"] = [os.path.basename(p) for p, _ in files]
+        fp["result"]["shapes"] = [list(s) for s in shapes]
+    lock = _lock(base)
     try:
-        return _open_locked(spec, plan, path, resume, shape, dtype, fp, lock)
+        return _open_locked(spec, plan, base, files, resume, dtype, fp, lock)
     except BaseException:
         if lock is not None:
             lock.close()
         raise
 
 
-def _open_locked(spec: Spec, plan: Plan, path: str, resume: bool, shape, dtype, fp, lock) -> Output:
+def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, dtype, fp, lock) -> Output:
     m = _manifest.load(path)
     if m is not None:
         diff = _manifest.differences(m["fingerprint"], fp)
@@ -126,25 +168,29 @@ def _open_locked(spec: Spec, plan: Plan, path: str, resume: bool, shape, dtype, 
                 f"chunkjac: {path} was written by a different call (its manifest differs in: {', '.join(diff)}). "
                 "Nothing was overwritten. Pass another out= path, or delete the file and its manifest "
                 f"{_manifest.manifest_path(path)} to start over.")
-        if not os.path.exists(path):
-            raise _manifest.ManifestError(
-                f"chunkjac: the manifest {_manifest.manifest_path(path)} exists but {path} does not; delete the "
-                "manifest to start the dump over.")
+        for f, _ in files:
+            if not os.path.exists(f):
+                raise _manifest.ManifestError(
+                    f"chunkjac: the manifest {_manifest.manifest_path(path)} exists but {f} does not; delete the "
+                    "manifest to start the dump over.")
         if resume:
-            try:
-                array = np.lib.format.open_memmap(path, mode="r+")
-            except (ValueError, OSError) as e:
-                raise _manifest.ManifestError(
-                    f"chunkjac: {path} cannot be opened as a .npy file ({e}), though its manifest lists written "
-                    "chunks; delete both files to start over.") from None
-            if tuple(array.shape) != shape or array.dtype != dtype:
-                raise _manifest.ManifestError(
-                    f"chunkjac: {path} holds {array.dtype} of shape {tuple(array.shape)}, but its manifest describes "
-                    f"{dtype} of shape {shape}; delete both files to start over.")
+            arrays = []
+            for f, shape in files:
+                try:
+                    array = np.lib.format.open_memmap(f, mode="r+")
+                except (ValueError, OSError) as e:
+                    raise _manifest.ManifestError(
+                        f"chunkjac: {f} cannot be opened as a .npy file ({e}), though its manifest lists written "
+                        "chunks; delete both files to start over.") from None
+                if tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+                    raise _manifest.ManifestError(
+                        f"chunkjac: {f} holds {array.dtype} of shape {tuple(array.shape)}, but its manifest describes "
+                        f"{dtype} of shape {tuple(shape)}; delete both files to start over.")
+                arrays.append(array)
             p = dataclasses.replace(plan, modes=tuple(m["plan"]["modes"]), rows_per_vjp=m["plan"]["rows_per_vjp"],
                                     cols_per_jvp=m["plan"]["cols_per_jvp"],
                                     chunk_size=max(b - a for a, b in m["chunks"]))
-            sink = NpySink(path, array, m, spec.batch_size, lock)
+            sink = NpySink(path, arrays, m, spec.batch_size, lock)
             done, total = len(m["done"]), len(m["chunks"])
             if m["complete"] or done == total:
                 log.info("chunkjac: %s is complete (%d of %d chunks); nothing to do.", path, done, total)
@@ -153,11 +199,13 @@ def _open_locked(spec: Spec, plan: Plan, path: str, resume: bool, shape, dtype, 
                 log.info("chunkjac: resuming %s: %d of %d chunks already done.", path, done, total)
             return Output(sink, p, m["chunks"], frozenset(m["done"]))
         log.info("chunkjac: resume=False: starting %s over.", path)
-    elif os.path.exists(path):
-        raise FileExistsError(
-            f"chunkjac: {path} exists and has no chunkjac manifest, so it was not written by a dump; chunkjac does "
-            "not overwrite it. Delete it or choose another out= path.")
-    return _create(spec, plan, path, shape, dtype, fp, lock)
+    else:
+        for f, _ in files:
+            if os.path.exists(f):
+                raise FileExistsError(
+                    f"chunkjac: {f} exists and has no chunkjac manifest, so it was not written by a dump; chunkjac "
+                    "does not overwrite it. Delete it or choose another out= path.")
+    return _create(spec, plan, path, files, dtype, fp, lock)
 
 
 def _lock(path: str):
@@ -178,31 +226,34 @@ def _lock(path: str):
     return f
 
 
-def _create(spec: Spec, plan: Plan, path: str, shape, dtype, fp, lock) -> Output:
-    nbytes = math.prod(shape) * dtype.itemsize
+def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock) -> Output:
+    nbytes = sum(math.prod(shape) for _, shape in files) * dtype.itemsize
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
-    if os.path.exists(path):
-        free += os.path.getsize(path)  # starting over: its blocks are reused
-    if nbytes + 65536 > free:
+    free += sum(os.path.getsize(f) for f, _ in files if os.path.exists(f))  # starting over: blocks reused
+    if nbytes + 65536 * len(files) > free:
+        where = files[0][0] if len(files) == 1 else f"the {len(files)} files in {folder}"
         raise OSError(
-            f"chunkjac: {path} would take {format_bytes(nbytes)}, but {folder} has {format_bytes(free)} free. Free "
+            f"chunkjac: {where} would take {format_bytes(nbytes)}, but {folder} has {format_bytes(free)} free. Free "
             "disk space or write to another disk.")
     mpath = _manifest.manifest_path(path)
     if os.path.exists(mpath):
         os.unlink(mpath)  # first: a crash from here on leaves no manifest claiming old rows
-    try:
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        # Reserve every block now: a memory-mapped write to a full disk is a SIGBUS, not an error.
-        if hasattr(os, "posix_fallocate"):  # (not on macOS or Windows: the free-space check above only)
-            with open(path, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    except OSError as e:
-        if os.path.exists(path):
-            os.unlink(path)
-        raise OSError(f"chunkjac: cannot create {path} ({format_bytes(nbytes)}): {e.strerror or e}.") from None
+    arrays = []
+    for f, shape in files:
+        try:
+            arrays.append(np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=tuple(shape)))
+            # Reserve every block now: a memory-mapped write to a full disk is a SIGBUS, not an error.
+            if hasattr(os, "posix_fallocate"):  # (not on macOS or Windows: the free-space check above only)
+                with open(f, "r+b") as fh:
+                    os.posix_fallocate(fh.fileno(), 0, os.path.getsize(f))
+        except OSError as e:
+            if os.path.exists(f):
+                os.unlink(f)
+            raise OSError(f"chunkjac: cannot create {f} ({format_bytes(math.prod(shape) * dtype.itemsize)}): "
+                          f"{e.strerror or e}.") from None
     units = list(plan.chunks())
     m = _manifest.new(fp, units, {"modes": list(plan.modes), "rows_per_vjp": plan.rows_per_vjp,
                                   "cols_per_jvp": plan.cols_per_jvp, "strategy": plan.strategy})
     _manifest.save(path, m)
-    return Output(NpySink(path, array, m, spec.batch_size, lock), plan, units)
+    return Output(NpySink(path, arrays, m, spec.batch_size, lock), plan, units)

@@ -147,10 +147,18 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
                       stacklevel=3)
     jacs = sink.jacobians()
     result = jacs[0] if spec.single else tuple(jacs)
+    if spec.keys is not None:  # wrt="params" or a list: a dict, or one (B, *out, P) tensor
+        result = _flat(jacs, plan) if spec.flat else dict(zip(spec.keys, jacs))
     if not spec.return_outputs:
         return result
     # Second derivatives come back flat: (H, outputs) or (H, J, outputs), as a PINN loss reads them.
     return (*jacs, sink.outputs()) if spec.part is not None else (result, sink.outputs())
+
+
+def _flat(jacs: list, plan: Plan) -> torch.Tensor:
+    """Per-target Jacobians (B, *out, *shape_k) as one (B, *out, P), in target order."""
+    lead = (plan.batch_size, *plan.out_shape)
+    return torch.cat([j.reshape(*lead, -1) for j in jacs], -1)
 
 
 class _NoBar(contextlib.nullcontext):

@@ -40,6 +40,7 @@ from ._probe import Measurement, Probe, ProbeCache, measure_memory, measure_time
 from ._spec import Spec
 
 JVP_COST = 2.0
+PER_SAMPLE_COST = 8.0
 BLOCK = 16
 TIME_MIN_BATCH = 256  # smaller batches run faster than their candidates could be timed
 CACHE_BYTES = 32 * 2**20
@@ -145,6 +146,8 @@ class Plan:
         """(batched VJPs, batched JVPs) the largest chunk costs; a Taylor pass counts as one JVP."""
         if self.strategy == "taylor":
             return 0, self.colours
+        if self.strategy == "per_sample":
+            return 1, 0
         if self.strategy == "double_backward":
             dims = self.in_numels[0]
             return self.colours * math.prod(self.out_shape) * (1 + -(-dims // max(self.rows_per_vjp, 1))), 0
@@ -161,6 +164,9 @@ class Plan:
         per = "per chunk" if self.num_chunks > 1 else "in all"
         if self.part is not None:
             work.append(self._second_order_work(per))
+        elif self.strategy == "per_sample":
+            rows = math.prod(self.out_shape)
+            work.append(f"{rows:,} VJP{'s' * (rows != 1)} per sample, vectorised over the chunk's samples")
         elif vjps:
             rows = self.colours * math.prod(self.out_shape)
             work.append(f"{rows:,} VJP{'s' * (rows != 1)} {per} in {vjps:,} call{'s' * (vjps != 1)}")
@@ -173,7 +179,12 @@ class Plan:
         if self.coupling is not None:
             parts.append(f"coupled ({describe(self.coupling)}): {self.colours:,} colour"
                          f"{'s' * (self.colours != 1)} per chunk")
-        parts.append(work[0] if self.part is not None else f"{self.mode} mode, {' + '.join(work) or 'no products'}")
+        if self.part is not None:
+            parts.append(work[0])
+        elif self.strategy == "per_sample":
+            parts.append(f"per-sample reverse mode, {work[0]}")
+        else:
+            parts.append(f"{self.mode} mode, {' + '.join(work) or 'no products'}")
         peak = f"peak ≈ {format_bytes(self.peak_bytes)}"
         if self.budget_bytes is not None:
             peak += f" of {format_bytes(self.budget_bytes)}"
@@ -261,6 +272,21 @@ def candidates(spec: Spec, p: Probe, device: torch.device) -> tuple[list[Plan], 
                 out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
                 device=device))
     split = len(plans) if close else sum(1 for q in plans if q.modes == plans[0].modes)
+    shared = sum(t.numel for t in spec.targets if not t.batched)
+    if shared and spec.mode != "forward":
+        # See [Per-sample Jacobians of shared tensors]: n_out VJPs per sample against one JVP per
+        # element of the shared tensors; mode="reverse" asks for this strategy alone.
+        per_sample = Plan(strategy="per_sample", modes=("reverse",) * len(spec.targets), batch_size=spec.batch_size,
+                          chunk_size=spec.batch_size, rows_per_vjp=max(n_out, 1), cols_per_jvp=1,
+                          out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
+                          device=device)
+        if spec.mode == "reverse":
+            return [per_sample], []
+        # Count rule (without timings: small batches): a JVP column per shared element against a
+        # vmapped VJP row per output element, each sample a batch of one (about PER_SAMPLE_COST x a
+        # batched VJP row here: functional_call and vmap's per-op overhead).
+        first = JVP_COST * shared > PER_SAMPLE_COST * n_out
+        return ([per_sample] + plans if first else plans + [per_sample]), []
     return plans[:split], plans[split:]
 
 

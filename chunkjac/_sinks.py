@@ -128,14 +128,15 @@ class TensorSink(MemorySink):
 
 
 class NpySink(TensorSink):
-    """Writes into a memory-mapped ``.npy`` file and keeps its manifest (see [Resuming a dump] in
+    """Writes into memory-mapped ``.npy`` files (one per result: a folder dump has several) and keeps their manifest (see [Resuming a dump] in
     _manifest): a chunk is listed as done only after its rows are flushed to the file."""
 
     COMMIT_SECONDS = 1.0  # list finished chunks at most this often: a crash recomputes at most ~1 s
 
-    def __init__(self, path: str, array, manifest: dict, batch_size: int, lock=None):
-        super().__init__([torch.from_numpy(array)], batch_size, keep_outputs=False, device=torch.device("cpu"))
-        self.path, self.array, self.manifest, self.lock = path, array, manifest, lock
+    def __init__(self, path: str, arrays: list, manifest: dict, batch_size: int, lock=None):
+        super().__init__([torch.from_numpy(a) for a in arrays], batch_size, keep_outputs=False,
+                         device=torch.device("cpu"))
+        self.path, self.arrays, self.manifest, self.lock = path, arrays, manifest, lock
         self.ready: list[int] = []  # chunks written, waiting for their copies to land or the next commit
         self.last = time.monotonic()
 
@@ -154,7 +155,8 @@ class NpySink(TensorSink):
             return
         if not force and time.monotonic() - self.last < self.COMMIT_SECONDS:
             return  # an msync and an fsync per small chunk would cost more than the chunk
-        self.array.flush()  # msync: the rows are on disk before the manifest says so
+        for a in self.arrays:
+            a.flush()  # msync: the rows are on disk before the manifest says so
         self.manifest["done"].update(self.ready)
         try:
             _manifest.save(self.path, self.manifest)

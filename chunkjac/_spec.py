@@ -64,6 +64,8 @@ class Spec:
     home: torch.device        # where the batched inputs live, and the results go
     part: str | None = None   # second derivatives: "full", "diagonal" or "laplacian"; None: the Jacobian
     return_jacobian: bool = False  # with part: the first derivatives too, from the same pass
+    keys: tuple | None = None  # a dict result (wrt="params" or a list): its keys, one per target
+    flat: bool = False         # a dict's Jacobians concatenated along their last dim: (B, *out, P)
 
     @property
     def results(self) -> int:
@@ -91,7 +93,7 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
-              device=None, part=None, return_jacobian=False) -> Spec:
+              device=None, part=None, return_jacobian=False, flat=False) -> Spec:
     if not callable(fn):
         raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
     if torch.is_inference_mode_enabled():
@@ -110,16 +112,12 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
                          "'cpu') and load or initialise its weights).")
     # Shared tensors go to the compute device once; batched ones stream there chunk by chunk.
     args = tuple(_shared(a, device) if d is None and isinstance(a, torch.Tensor) else a for a, d in zip(args, dims))
-    targets, single = _normalize_wrt(wrt, fn, args, dims)
+    targets, single, keys = _normalize_wrt(wrt, fn, args, dims)
     if mode not in MODES:
         raise ValueError(f"chunkjac: mode must be one of {MODES}, got {mode!r}.")
-    if mode == "reverse":
-        shared = [t.label for t in targets if not t.batched]
-        if shared:
-            raise ValueError(
-                f"chunkjac: mode='reverse' cannot give per-sample derivatives w.r.t. the shared {shared[0]}: "
-                "the sum trick adds every sample's contribution to a shared tensor's gradient. "
-                "Use mode='forward' or mode='auto' (forward mode: one JVP per element of the shared tensor).")
+    if flat and keys is None:
+        raise ValueError("chunkjac: flat=True concatenates the Jacobians of a dict result (wrt='params' or a list "
+                         f"of names); wrt={wrt!r} gives {'one tensor' if single else 'a tuple'}.")
     if part is not None:
         _check_part(part, targets, wrt)
         single = not return_jacobian
@@ -127,7 +125,7 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
                 return_outputs=bool(return_outputs), device=device, home=home, part=part,
-                return_jacobian=bool(return_jacobian) and part is not None)
+                return_jacobian=bool(return_jacobian) and part is not None, keys=keys, flat=bool(flat))
 
 
 def _check_part(part, targets, wrt) -> None:
@@ -259,16 +257,31 @@ _CLOSURE_HELP = (
     "    chunkjac.compute(lambda x, C: routine(C, x), (x, C), in_dims=(0, None), wrt=1)")
 
 
-def _normalize_wrt(wrt, fn, args, dims) -> tuple[tuple[Target, ...], bool]:
+def _normalize_wrt(wrt, fn, args, dims) -> tuple[tuple[Target, ...], bool, tuple | None]:
+    """(targets, single, dict keys or None). wrt="params": every trainable parameter of the module,
+    in named_parameters() order (a tied parameter once, under its first name); a list: a dict keyed
+    by the items as given (a Parameter by its name); a tuple: a tuple, as torch.func's argnums."""
+    if isinstance(wrt, str) and wrt == "params" and not (isinstance(fn, nn.Module) and "params" in _module_tensors(fn)):
+        if not isinstance(fn, nn.Module):
+            raise TypeError(f"chunkjac: wrt='params' names the parameters of an nn.Module, but fn is a "
+                            f"{type(fn).__name__}. Pass the module itself as fn. " + _CLOSURE_HELP)
+        named = [(n, p) for n, p in fn.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"chunkjac: wrt='params', but {type(fn).__name__} has no trainable parameters "
+                             "(none with requires_grad=True).")
+        return tuple(_param_target(n, p) for n, p in named), False, tuple(n for n, _ in named)
     single = not isinstance(wrt, (tuple, list))
     items = [wrt] if single else list(wrt)
     if not items:
         raise ValueError("chunkjac: wrt is empty; name at least one input index or parameter.")
     targets = [_target(w, fn, args, dims) for w in items]
-    keys = [(t.kind, t.index, t.name) for t in targets]
-    if len(set(keys)) != len(keys):
+    ids = [(t.kind, t.index, t.name) for t in targets]
+    if len(set(ids)) != len(ids):
         raise ValueError(f"chunkjac: wrt names the same tensor twice: {wrt!r}.")
-    return tuple(targets), single
+    keys = None
+    if isinstance(wrt, list):
+        keys = tuple(t.name if isinstance(w, torch.Tensor) and t.kind == "param" else w for w, t in zip(items, targets))
+    return tuple(targets), single, keys
 
 
 def _target(w, fn, args, dims) -> Target:

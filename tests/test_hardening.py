@@ -81,11 +81,13 @@ def test_dtype_mismatch_with_the_parameters_says_how_to_fix_it(x):
         chunkjac.compute(MLP, x)
 
 
-def test_shared_tensor_without_forward_formula_names_a_way_out_that_works():
+def test_shared_tensor_without_forward_formula_falls_back_to_per_sample_reverse_mode():
     c = torch.randn(4, 3, dtype=D)
-    with pytest.raises(RuntimeError, match="no other mode to fall back on") as e:
-        chunkjac.compute(lambda z, c: torch.cdist(z, c), (X, c), in_dims=(0, None), wrt=1)
-    assert "mode='reverse'" not in str(e.value)
+    got = chunkjac.compute(lambda z, c: torch.cdist(z, c), (X, c), in_dims=(0, None), wrt=1)
+    ref = torch.func.vmap(torch.func.jacrev(lambda c, z: torch.cdist(z[None], c)[0]), in_dims=(None, 0))(c, X)
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(RuntimeError, match="forward mode cannot run fn"):
+        chunkjac.compute(lambda z, c: torch.cdist(z, c), (X, c), in_dims=(0, None), wrt=1, mode="forward")
 
 
 def test_strict_deprecation_filter_does_not_fail_a_default_call():
