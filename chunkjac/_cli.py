@@ -182,12 +182,15 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     if len(paths) < 2:
         raise UsageError("dump needs at least one INPUTS .npy file and the OUT .npy file to write.")
     *inputs_paths, out = paths
-    if not out.endswith(".npy"):
+    folder = args.wrt == "params"  # a dict: one .npy per parameter in the folder OUT
+    if folder and out.endswith(".npy"):
+        raise UsageError(f"OUT {out!r}: with --wrt params, OUT is a folder (one .npy per parameter), not a .npy file.")
+    if not folder and not out.endswith(".npy"):
         raise UsageError(f"OUT {out!r} must be a path ending in .npy (the file to write).")
     fn = load_factory(args.factory)
     inputs = _load_inputs(inputs_paths)
     opts = _call_options(args)
-    before = _done_samples(out) if not args.no_resume else 0
+    before = _done_samples(os.path.join(out, "jacobians") if folder else out) if not args.no_resume else 0
     p = plan(fn, inputs, **opts)
     if before:
         print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
@@ -204,8 +207,14 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         run = compute if "part" not in opts else hessian
         J = run(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, plan=p, **opts)
     dt = time.perf_counter() - t
-    ran = J.shape[0] - before
-    print(f"wrote: {out}  {tuple(J.shape)} {J.dtype}  (np.load({out!r}, mmap_mode='r'))")
+    first = next(iter(J.values())) if isinstance(J, dict) else J
+    ran = first.shape[0] - before
+    if isinstance(J, dict):
+        print(f"wrote: {out}  one .npy per parameter, {first.dtype}:")
+        for k, v in J.items():
+            print(f"  {os.path.join(out, k + '.npy')}  {tuple(v.shape)}")
+    else:
+        print(f"wrote: {out}  {tuple(J.shape)} {J.dtype}  (np.load({out!r}, mmap_mode='r'))")
     done = f" ({before:,} were already on disk)" if before else ""
     rate = f", {ran / dt:,.0f} samples/s" if ran else ""
     print(f"time: {dt:.2f} s for {ran:,} samples{rate}{done}")
@@ -228,7 +237,8 @@ def _add_call_options(p: argparse.ArgumentParser) -> None:
                         "returns the model or function")
     p.add_argument("--budget", default=None, help="memory chunkjac may use on the compute device: 20GB, 512MiB, "
                                                   "80%% (default: half of the free memory)")
-    p.add_argument("--wrt", default=None, help="input index (default 0) or parameter name to differentiate")
+    p.add_argument("--wrt", default=None, help="input index (default 0), parameter name, or 'params' (every trainable parameter: OUT is a "
+                        "folder with one .npy per parameter)")
     p.add_argument("--output", default=None, help="index or key of the output, when fn returns several")
     p.add_argument("--mode", default="auto", choices=["auto", "reverse", "forward"], help="AD mode (default auto)")
     p.add_argument("--coupling", default="auto", choices=["auto", "independent", "coupled", "unsplittable"],

@@ -372,6 +372,24 @@ def test_cli_dump_then_plan(workdir, capsys):
     assert capsys.readouterr().out.startswith("plan: 20,000 samples in ")
 
 
+def test_cli_dumps_per_sample_parameter_jacobians(workdir, capsys):
+    out = str(workdir / "params")
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x.npy"), out, "--wrt", "params",
+                 "--chunk-size", "5000", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "per-sample reverse mode" in text and "one .npy per parameter" in text
+    x = torch.from_numpy(np.load(workdir / "x.npy"))[:300]
+    sys.path.insert(0, str(workdir))
+    try:
+        import model
+        ref = chunkjac.compute(model.make(), x, wrt="params")
+    finally:
+        sys.path.remove(str(workdir))
+    for k, v in ref.items():
+        np.testing.assert_allclose(np.load(f"{out}/{k}.npy", mmap_mode="r")[:300], v.numpy(), rtol=1e-5, atol=1e-6)
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x.npy"), out + ".npy", "--wrt", "params"]) == 2
+
+
 def test_cli_dumps_a_laplacian(workdir, capsys):
     out = str(workdir / "lap.npy")
     assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x.npy"), out, "--part", "laplacian",
