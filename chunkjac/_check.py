@@ -208,6 +208,8 @@ def _second_order_difference(spec: Spec, plan: Plan, ours: list, ref: list) -> s
     tol = 10 * _tolerance(spec, plan)  # two routes to a second derivative round differently
     rows = math.prod(plan.out_shape)
     for a, b in zip(ours, ref):
+        if a.numel() == 0:
+            continue
         a, b = a.double(), b.to(a.device).double()
         if not torch.equal(a.isfinite(), b.isfinite()):
             return "Taylor mode and reverse over reverse disagree on which entries are finite"

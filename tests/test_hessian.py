@@ -412,3 +412,14 @@ def test_transformer_layer_by_definition_where_no_other_route_exists():
     with torch.no_grad():
         fd = sum((f(x + e) - 2 * f(x) + f(x - e)) / h ** 2 for e in torch.eye(32, dtype=x.dtype) * h)
     torch.testing.assert_close(lap, fd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse"])
+@pytest.mark.parametrize("part", PARTS)
+def test_empty_inputs_and_outputs_give_empty_results(part, mode):
+    x = torch.randn(2, 0, 3, dtype=torch.double)
+    extra = {"laplacian": (), "diagonal": (0, 3), "full": (0, 3, 0, 3)}[part]
+    assert chunkjac.hessian(torch.exp, x, part=part, mode=mode).shape == (2, 0, 3, *extra)
+    x = torch.randn(3, 2, dtype=torch.double)
+    res, jac = chunkjac.hessian(lambda z: z[:, :0], x, part=part, mode=mode, return_jacobian=True)
+    assert res.shape == (3, 0, *{"laplacian": (), "diagonal": (2,), "full": (2, 2)}[part]) and jac.shape == (3, 0, 2)

@@ -1,6 +1,8 @@
 """What the second-order strategies share: the seed directions, colour groups, and result layout."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._spec import Spec
@@ -41,3 +43,16 @@ def shaped(spec: Spec, out_shape: tuple, second: torch.Tensor, first: torch.Tens
     if spec.return_jacobian:
         res.append(first.reshape(n, *out_shape, *x))
     return res
+
+
+def is_empty(spec: Spec, plan) -> bool:
+    """No derivative to compute: the input or the output has no elements per sample."""
+    return spec.targets[0].numel == 0 or math.prod(plan.out_shape) == 0
+
+
+def empty(spec: Spec, plan, args: list, n: int, dtype: torch.dtype, device: torch.device):
+    """Zero-element results of the right shapes, and fn's outputs (one plain forward)."""
+    from .._function import call, detach_all
+    res = [torch.zeros((n, *s[1:]), dtype=dtype, device=device) for s in spec.result_shapes(plan.out_shape)]
+    out = call(spec, list(args))
+    return res, (out if spec.create_graph else detach_all(out))

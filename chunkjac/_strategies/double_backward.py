@@ -18,7 +18,7 @@ import torch
 
 from .._function import call, detach_all, select
 from .._spec import Spec
-from ._second import along, groups, merge, shaped
+from ._second import along, empty, groups, is_empty, merge, shaped
 
 if TYPE_CHECKING:
     from .._plan import Plan
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
               calls: int | None = None):
+    if is_empty(spec, plan):
+        return empty(spec, plan, args, n, plan.dtype, spec.device)
     t = spec.targets[0]
     i, dim = t.index, spec.in_dims[t.index]
     dims, part, create = t.numel, plan.part, spec.create_graph

@@ -19,7 +19,7 @@ from .._function import call, detached_parameters, reached_modules, select
 from .._spec import Spec
 from .._taylor import Jet, Layout, TaylorRefused, taylor_pass
 from . import double_backward
-from ._second import along, groups, merge, shaped
+from ._second import along, empty, groups, is_empty, merge, shaped
 
 if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
     from .._plan import Plan
@@ -39,6 +39,8 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor 
 def run_strict(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
                calls: int | None = None):
     """As run_chunk, but a TaylorRefused propagates (the planner's check)."""
+    if is_empty(spec, plan):
+        return empty(spec, plan, args, n, plan.dtype, spec.device)
     t = spec.targets[0]
     i, dim = t.index, spec.in_dims[t.index]
     x = args[i]

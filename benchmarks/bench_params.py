@@ -1,0 +1,137 @@
+"""Per-sample Jacobians w.r.t. parameters: chunkjac.compute(wrt="params") against torch.func's recipe
+(vmap(jacrev(functional_call)) at its best chunk_size), and per-sample gradients of a loss against
+vmap(grad(functional_call)) and Opacus's GradSampleModule (when installed), one interleaved run.
+
+Each row: every method once (warm-up; chunkjac plans then), checked equal to chunkjac's result, then
+ROUNDS interleaved rounds (the order rotating), medians, ratios to chunkjac's time, and the peak memory
+of one call (chunkjac's own profiler-based count, see _memory; the result counts for every method).
+float32, 2 threads.
+
+    python benchmarks/bench_params.py [--rounds 3] [ROW-SUBSTRING ...]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call, grad, jacrev, vmap  # noqa: E402
+
+import chunkjac  # noqa: E402
+from chunkjac._memory import measure_peak  # noqa: E402
+
+try:
+    from opacus import GradSampleModule  # noqa: E402
+except ImportError:
+    GradSampleModule = None
+
+
+def recipe(model, x, chunk):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    one = lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)  # noqa: E731
+    return vmap(jacrev(one), in_dims=(None, 0), chunk_size=chunk)(params, x)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+class Loss(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t):
+        return nn.functional.cross_entropy(self.model(x), t, reduction="none")
+
+
+def rows():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    conv = ConvNet()
+    pinn = nn.Sequential(nn.Linear(3, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 128),
+                         nn.Tanh(), nn.Linear(128, 3))
+    for name, model, x, chunks in (("MLP 784->256->10, all parameters, B = 1,000", mlp, torch.randn(1000, 784), (None, 100)),
+                                   ("conv net 3x32x32 -> 2 conv -> linear, all parameters, B = 256", conv,
+                                    torch.randn(256, 3, 32, 32), (None, 64)),
+                                   ("PINN 3->128x3->3, all parameters, B = 10^4", pinn, torch.rand(10_000, 3), (None, 1000))):
+        m = {"chunkjac": lambda model=model, x=x: chunkjac.compute(model, x, wrt="params", budget="1GB")}
+        for c in chunks:
+            m[f"vmap(jacrev(functional_call)), chunk_size={c}"] = lambda model=model, x=x, c=c: recipe(model, x, c)
+        yield name, m
+
+    x, t = torch.randn(1000, 784), torch.randint(0, 10, (1000,))
+    loss = Loss(mlp)
+    params = {k: v.detach() for k, v in mlp.named_parameters()}
+
+    def vgrad():
+        one = lambda p, xi, ti: nn.functional.cross_entropy(functional_call(mlp, p, (xi[None],)), ti[None])  # noqa
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, x, t)
+
+    m = {"chunkjac": lambda: {k.removeprefix("model."): v for k, v in
+                              chunkjac.compute(loss, (x, t), wrt=list(mlp.parameters()), budget="1GB").items()},
+         "vmap(grad(functional_call))": vgrad}
+    if GradSampleModule is not None:
+        gsm = GradSampleModule(nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)))
+        gsm._module.load_state_dict(mlp.state_dict())
+
+        def opacus():
+            for p in gsm.parameters():
+                p.grad_sample = None
+            nn.functional.cross_entropy(gsm(x), t, reduction="sum").backward()
+            return {k.removeprefix("_module."): p.grad_sample for k, p in gsm.named_parameters()}
+
+        m["Opacus GradSampleModule"] = opacus
+    yield "per-sample gradients of cross-entropy, MLP 784->256->10, B = 1,000", m
+
+
+def max_rel(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("only", nargs="*")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, opacus: "
+          f"{'yes' if GradSampleModule else 'not installed'}\n")
+    for name, methods in rows():
+        if a.only and not any(s in name for s in a.only):
+            continue
+        ref = methods["chunkjac"]()
+        for k, f in methods.items():
+            err = max_rel(f(), ref)
+            assert err < 1e-4, f"{name}: {k} disagrees with chunkjac (relative {err:.2g})"
+        times = {k: [] for k in methods}
+        for r in range(a.rounds):
+            order = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
+            for k in order:
+                t = time.perf_counter()
+                methods[k]()
+                times[k].append(time.perf_counter() - t)
+        peaks = {k: measure_peak(f, torch.device("cpu"))[0] for k, f in methods.items()}
+        base = statistics.median(times["chunkjac"])
+        print(f"## {name}")
+        print("| method | median s | x chunkjac's time | peak MB |")
+        print("| --- | ---: | ---: | ---: |")
+        for k in methods:
+            t = statistics.median(times[k])
+            print(f"| {k} | {t:.3f} | {t / base:.2f} | {peaks[k] / 1e6:,.0f} |")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
