@@ -853,14 +853,18 @@ for _n in ("size", "dim", "numel", "nelement", "is_floating_point", "is_complex"
 _META.discard(None)
 
 _REFUSED = {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
-# Measured against finite differences: their second derivatives by nested forward mode are wrong.
+# Measured against finite differences and reverse over reverse: their second derivatives by nested
+# forward mode are wrong (or follow another convention for a symmetric input than reverse mode's).
 # (The normalisations among them are taken by definition when called through torch.nn.functional.)
 _WRONG_FORWARD_OVER_FORWARD = {f for f in (
     getattr(torch.linalg, "det", None), torch.det, torch.Tensor.det, torch.logdet, torch.Tensor.logdet,
     torch.slogdet, torch.Tensor.slogdet, getattr(torch.linalg, "slogdet", None), torch.linalg.solve,
     torch.linalg.solve_ex, torch.cholesky_inverse, torch.Tensor.cholesky_inverse, torch.layer_norm,
     torch.group_norm, torch.batch_norm, torch.instance_norm, getattr(torch, "rms_norm", None),
-    torch.native_layer_norm) if f is not None}
+    torch.native_layer_norm,
+    # These two differ from reverse over reverse (the catalogue sweep, rows of one matrix as samples):
+    torch.linalg.cholesky, torch.cholesky, torch.Tensor.cholesky, torch.linalg.householder_product,
+    torch.orgqr, torch.Tensor.orgqr) if f is not None}
 
 _RULES: dict[Any, Callable] = {}
 

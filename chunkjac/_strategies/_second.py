@@ -9,11 +9,12 @@ from .._spec import Spec
 
 
 def groups(colours: torch.Tensor | None, calls: int | None) -> list:
-    """(n,) masks of the samples that share one pass (None: all of them), at most ``calls`` of them."""
+    """(n,) masks of the samples that share one pass (None: all of them), at most ``calls`` of them.
+    Samples of a negative colour are left out (their results stay zero: the check's subsets)."""
     if colours is None:
         masks = [None]
     else:
-        masks = [colours == c for c in torch.unique(colours).tolist()]
+        masks = [colours == c for c in torch.unique(colours).tolist() if c >= 0]
     return masks if calls is None else masks[:max(calls, 1)]
 
 
