@@ -423,3 +423,11 @@ def test_empty_inputs_and_outputs_give_empty_results(part, mode):
     x = torch.randn(3, 2, dtype=torch.double)
     res, jac = chunkjac.hessian(lambda z: z[:, :0], x, part=part, mode=mode, return_jacobian=True)
     assert res.shape == (3, 0, *{"laplacian": (), "diagonal": (2,), "full": (2, 2)}[part]) and jac.shape == (3, 0, 2)
+
+
+def test_wide_outputs_are_checked_by_projection_without_false_alarms():
+    # 600 outputs x (1 + 6) VJPs would make the full check cost more than the run: projected instead.
+    f = mlp(nn.Tanh(), d_in=6, d_out=600, width=16)
+    x = torch.randn(40, 6, dtype=torch.double)
+    assert chunkjac.plan(f, x, part="laplacian").strategy == "taylor"
+    torch.testing.assert_close(chunkjac.laplacian(f, x), vmap_reference(f, x, "laplacian"))
