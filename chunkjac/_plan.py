@@ -41,6 +41,7 @@ from ._spec import Spec
 
 JVP_COST = 2.0
 PER_SAMPLE_COST = 8.0
+MAX_VECTORISED = 4096  # rows (columns) in one vectorised call at most
 BLOCK = 16
 TIME_MIN_BATCH = 256  # smaller batches run faster than their candidates could be timed
 CACHE_BYTES = 32 * 2**20
@@ -262,7 +263,9 @@ def candidates(spec: Spec, p: Probe, device: torch.device) -> tuple[list[Plan], 
         width = n_out if uses_reverse else max_in
         # All rows in one call, one per call, and for wide outputs a middle block whose memory
         # (BLOCK x the chunk's gradients) fits where all rows at once would not.
-        blocks = [width, 1] + ([BLOCK] if width > 2 * BLOCK else [])
+        # (Not all at once beyond MAX_VECTORISED: a 256x784 weight's 200,704 one-hot tangents would
+        # take 161 GB before the measurement could say so.)
+        blocks = ([width] if width <= MAX_VECTORISED else []) + [1] + ([BLOCK] if width > 2 * BLOCK else [])
         for block in dict.fromkeys(max(b, 1) for b in blocks):
             plans.append(Plan(
                 strategy="coloured", modes=target_modes, batch_size=spec.batch_size,
@@ -349,7 +352,8 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
                 # autograd.Function, numpy inside fn, a random fn under vmap, a chunkjac call inside fn
                 # under torch.func.jvp) is not chosen; an explicit mode, or no candidate left, reports
                 # the first failure.
-                if spec.mode != "auto" or is_out_of_memory(e):
+                # Out of memory on a probe chunk: that candidate does not fit; another may.
+                if spec.mode != "auto":
                     raise
                 failure = failure or e
                 continue

@@ -263,7 +263,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
     pairs = k_col * m
     cols = []
     y = aux = None
-    eye = torch.eye(m, dtype=x.dtype, device=x.device)
+    # One-hot tangents are made per call: an eye(m) of a layer's weight (m = 200,704) would take 161 GB.
     if colours is not None:
         colours = colours.to(x.device)
     step = plan.cols_per_jvp
@@ -272,7 +272,9 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         c1 = min(c0 + step, pairs)
         pair = torch.arange(c0, c1, device=x.device)
         c, col = pair // m, pair % m
-        tangents = eye[col].reshape(c1 - c0, *t.shape)
+        tangents = torch.zeros((c1 - c0, m), dtype=x.dtype, device=x.device)
+        tangents[torch.arange(c1 - c0, device=x.device), col] = 1
+        tangents = tangents.reshape(c1 - c0, *t.shape)
         if d is not None:  # e_col on the samples of colour c (all samples: broadcast)
             tangents = tangents.unsqueeze(1 + d)
             if colours is None:
