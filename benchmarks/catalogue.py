@@ -28,7 +28,27 @@ Crash safety: cases run in worker processes (``--worker``, reading one op or mod
 stdin and streaming one JSON line per case). The parent survives segfaults and timeouts: it marks the
 case that was running as ``crash`` or ``hang``, starts a fresh worker and resumes after that case.
 (To see it work: CATALOGUE_CRASH_ON=<case key substring> or CATALOGUE_HANG_ON=... make a worker
-segfault or sleep on the matching cases.)
+segfault or sleep on the matching cases; with --second, CATALOGUE_REF_HANG_ON=... makes the reference
+sleep.)
+
+Second derivatives (``--second``): the same cases run through ``chunkjac.laplacian``,
+``chunkjac.hessian(part="diagonal")`` and ``chunkjac.hessian(part="full")`` (``--parts`` picks a subset),
+one record per part (key "<case>+<part>", field ``part``). The reference, computed once per case after
+chunkjac answered (it has its own time limit, --ref-timeout; past it, or if it crashes the worker, the
+case is skipped, not counted as hang or crash, and the case's other parts go without it), is
+reverse over reverse on the whole batch: the first derivative's diagonal blocks J[i, o, a] with their
+graph (create_graph), then the gradient of each w.r.t. the whole batch, whose sample-i block is row a of
+the Hessian of y_{i,o} (other samples held fixed, so coupled samples get their exact blocks too; the
+off-diagonal blocks of both derivatives give ``coupled_ref``). Cases too large for it (see
+MAX_REF2_*) are skipped with the sizes, before chunkjac runs. Where reverse over reverse fails (no
+double backward), the same under the math attention kernel (fused attention has none), else forward
+over reverse per sample (torch.func.jacfwd(jacrev)), else forward over forward (jacfwd(jacfwd)),
+stands in (field ``reference``); where all fail, the case is skipped: "reference failed: ..." when
+chunkjac refused or failed as well, and "unverified: chunkjac returned a result, ..." when chunkjac
+returned one (never counted as exact). Tolerances are 10x looser (rtol 1e-5, atol 1e-7 times the
+largest |H_ref|); NaN/inf differences are forgiven where chunkjac matches a forward-over-reverse or
+forward-over-forward reference (per sample) exactly. The summary adds counts per part and the
+refusals on cases whose reference computed the second derivative. The default --timeout is 120 s.
 
 Run it from the repository root (torch's test catalogues need the ``expecttest`` package):
 
@@ -37,6 +57,8 @@ Run it from the repository root (torch's test catalogues need the ``expecttest``
     python benchmarks/catalogue.py --ops --filter conv # only ops whose name contains "conv"
     python benchmarks/catalogue.py --modules --limit 10 --out /tmp/mods.jsonl
     python benchmarks/catalogue.py --summary /tmp/mods.jsonl   # re-print the summary of a past run
+    python benchmarks/catalogue.py --quick --second    # second derivatives, the representative subset
+    python benchmarks/catalogue.py --ops --second --parts laplacian,diagonal --filter linalg
 
 Output: a JSON-lines file (``--out``, default $TMPDIR/chunkjac_catalogue.jsonl), one object per case (kind, name,
 variant, sample, shapes, class, message, warned, coupled_ref, random, seconds, ...), and a summary
@@ -69,6 +91,16 @@ CLASSES = ("exact", "refused", "skipped") + DEFECTS
 RTOL, ATOL = 1e-6, 1e-8
 MAX_REF_ELEMENTS = 20_000_000      # full Jacobian entries (B*out x B*in) the reference may build
 VECTORIZE_ROWS = 2_000             # above this many output entries, the reference uses vmap'd VJPs
+# --second: tolerances 10x looser. The reference runs 2 backward passes per output entry (B*out), the
+# second one vmap'd over the sample's D = in entries: at most MAX_REF2_ROWS of them, and at most
+# MAX_REF2_WORK = (B*out*D) x (B*D) entries of the outer Jacobian they stand for. It keeps the Hessian
+# blocks (B*out*D*D entries, as chunkjac's part="full") where at most MAX_REF2_ELEMENTS, else only
+# their diagonals (B*out*D, same cap), and then the full part is skipped.
+RTOL2, ATOL2 = 1e-5, 1e-7
+MAX_REF2_ELEMENTS = 20_000_000
+MAX_REF2_ROWS = 10_000
+MAX_REF2_WORK = 1_000_000_000
+PARTS = ("laplacian", "diagonal", "full")
 
 # --quick: elementwise, reductions, matrix products, scans and sorts along dims, indexing, broadcasting,
 # convolutions, normalizations, random ops, linear algebra; modules with and without batch coupling.
@@ -173,7 +205,7 @@ def reference(f, x, forward=False):
     return diag, bool((off[finite] != 0).any()), bool((~finite).any())
 
 
-def compare(j, ref) -> str:
+def compare(j, ref, rtol=RTOL, atol=ATOL) -> str:
     """'' when j matches ref, else what differs (prefixed 'non-finite:' or 'values:' or 'shape:')."""
     import torch
     if tuple(j.shape) != tuple(ref.shape):
@@ -194,7 +226,7 @@ def compare(j, ref) -> str:
     rj, rr = j[fin_r], ref[fin_r]
     scale = max(1.0, float(rr.abs().max()))
     err = (rj - rr).abs()
-    bad = err > ATOL * scale + RTOL * rr.abs()
+    bad = err > atol * scale + rtol * rr.abs()
     if bad.any():
         pos = int(err.argmax())
         return (f"values: {int(bad.sum())} of {ref.numel()} entries differ, max abs error {float(err.max()):.3g} "
@@ -202,8 +234,9 @@ def compare(j, ref) -> str:
     return ""
 
 
-def run_case(rec: dict, call, f, x) -> dict:
-    """Fill rec: call() runs chunkjac.compute; f(x) is the same function of the batched input alone."""
+def run_case(rec: dict, call, f, x, part=None, cache=None) -> dict:
+    """Fill rec: call() runs chunkjac.compute (with ``part``: chunkjac.hessian(part=part), see
+    run_second); f(x) is the same function of the batched input alone."""
     import torch
     import chunkjac
     if not isinstance(x, torch.Tensor):
@@ -230,6 +263,8 @@ def run_case(rec: dict, call, f, x) -> dict:
                          and bool((d1.nan_to_num() == d2.nan_to_num()).all()))
     if x.layout != torch.strided or y.layout != torch.strided:
         rec["sparse"] = True
+    if part is not None:
+        return run_second(rec, call, f, x, y, part, cache if cache is not None else {})
     if y.numel() * x.numel() > MAX_REF_ELEMENTS:
         return dict(rec, cls="skipped", message=f"too large for the reference ({y.numel()} x {x.numel()})")
 
@@ -286,6 +321,222 @@ def run_case(rec: dict, call, f, x) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --second: one case through chunkjac.laplacian / hessian(part="diagonal") / hessian(part="full")
+# ----------------------------------------------------------------------------------------------------
+
+def _outer_rows(t, x):
+    """(t.numel(), *x.shape): the gradient of every entry of t w.r.t. x (zeros where unused), in one
+    vmap'd backward (is_grads_batched), or one backward per entry where vmap fails."""
+    import torch
+    n = t.numel()
+    if n > 1:
+        try:
+            (g,) = torch.autograd.grad(t, x, torch.eye(n, dtype=t.dtype).reshape(n, *t.shape),
+                                       retain_graph=True, allow_unused=True, is_grads_batched=True)
+            return torch.zeros((n, *x.shape), dtype=x.dtype) if g is None else g
+        except Exception:
+            pass
+    rows = []
+    flat = t.reshape(-1)
+    for k in range(n):
+        (g,) = torch.autograd.grad(flat[k], x, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(x) if g is None else g)
+    return torch.stack(rows)
+
+
+def reference2(f, x, full=True):
+    """Reverse over reverse on the whole batch, other samples held fixed by construction: for each
+    output entry y_{i,o}, its gradient w.r.t. the whole batch with its graph (create_graph), whose sample-i
+    block is row o of the first derivative J_i; then the gradient of each of those n_in entries w.r.t.
+    the whole batch, whose sample-i block is row a of the Hessian of y_{i,o}. Returns (H of shape
+    (B, *out, *in, *in), or with full=False only its diagonals (B, *out, *in); whether off-diagonal
+    blocks of the first or second derivative hold finite nonzeros; whether they hold non-finite values)."""
+    import torch
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = f(xg)
+        b, n_in = x.shape[0], x[0].numel()
+        n_out = y[0].numel() if y.dim() else 1
+        h = torch.zeros((b, n_out, n_in, n_in) if full else (b, n_out, n_in), dtype=torch.float64)
+        shape = (*y.shape, *x.shape[1:], *x.shape[1:]) if full else (*y.shape, *x.shape[1:])
+        if y.numel() == 0 or x.numel() == 0 or not y.requires_grad:
+            return h.reshape(shape), False, False
+        yf = y.reshape(-1)
+        coupled = nonfinite = False
+        for r in range(b * n_out):
+            i, o = divmod(r, n_out)
+            (g,) = torch.autograd.grad(yf[r], xg, retain_graph=True, create_graph=True, allow_unused=True)
+            if g is None:
+                continue
+            g = g.reshape(b, n_in)
+            off = g.detach().clone()
+            off[i] = 0
+            fin = torch.isfinite(off)
+            coupled |= bool((off[fin] != 0).any())
+            nonfinite |= bool((~fin).any())
+            t = g[i]
+            if not t.requires_grad:
+                continue
+            g2 = _outer_rows(t, xg).reshape(n_in, b, n_in)
+            h[i, o] = (g2[:, i] if full else g2[:, i].diagonal()).to(torch.float64)
+            off2 = g2.clone()
+            off2[:, i] = 0
+            fin = torch.isfinite(off2)
+            coupled |= bool((off2[fin] != 0).any())
+            nonfinite |= bool((~fin).any())
+    return h.reshape(shape), coupled, nonfinite
+
+
+def per_sample_reference(f, x, how: str):
+    """(B, *out, *in, *in) by torch.func per sample (z = x with sample i replaced by v; the Hessian of
+    f(z)[i] w.r.t. v): how = "fwd-over-rev" (jacfwd(jacrev)) or "fwd-over-fwd" (jacfwd(jacfwd))."""
+    import torch
+    from torch.func import jacfwd, jacrev
+    x = x.detach()
+    hs = []
+    for i in range(x.shape[0]):
+        def yi(v, i=i):
+            return f(torch.cat([x[:i], v.unsqueeze(0), x[i + 1:]]))[i]
+        inner = jacrev(yi) if how == "fwd-over-rev" else jacfwd(yi, randomness="same")
+        torch.manual_seed(1)
+        hs.append(jacfwd(inner, randomness="same")(x[i]).to(torch.float64))
+    return torch.stack(hs)
+
+
+def second_part(h, x, part: str, full=True):
+    """The part of per-sample Hessians h (B, *out, *in, *in), or of their diagonals (B, *out, *in)
+    where not ``full``."""
+    if part == "full":
+        return h
+    k = x[0].dim()
+    if full:
+        flat = h.reshape(*h.shape[: h.dim() - 2 * k], x[0].numel(), x[0].numel())
+        d = flat.diagonal(dim1=-2, dim2=-1)
+    else:
+        d = h.reshape(*h.shape[: h.dim() - k], x[0].numel())
+    return d.reshape(*d.shape[:-1], *x.shape[1:]) if part == "diagonal" else d.sum(-1)
+
+
+def run_second(rec: dict, call, f, x, y, part: str, cache: dict) -> dict:
+    """rec for one part: chunkjac first, then the reference (computed once per case, in ``cache``).
+    The reference is reverse over reverse (reference2); where it fails, the same under the math
+    attention kernel, else forward over reverse or forward over forward per sample (rec["reference"]
+    says which); where all fail the case is skipped ("reference failed", or "unverified" when chunkjac
+    returned a result). NaN/inf differences are forgiven where chunkjac matches a forward-over-reverse
+    or forward-over-forward reference exactly, with a note."""
+    import torch
+    import chunkjac
+    rec["part"] = part
+    b, n_out, n_in = x.shape[0], y[0].numel(), x[0].numel()
+    full = b * n_out * n_in * n_in <= MAX_REF2_ELEMENTS  # the reference keeps whole Hessian blocks
+    if (b * n_out > MAX_REF2_ROWS or b * n_out * n_in * b * n_in > MAX_REF2_WORK
+            or b * n_out * n_in > MAX_REF2_ELEMENTS):
+        return dict(rec, cls="skipped", message=f"too large for the second-order reference "
+                                                f"(B*out = {b * n_out}, D = {n_in}, B = {b})")
+    if part == "full" and not full:
+        return dict(rec, cls="skipped", message=f"too large for the second-order reference's full Hessians "
+                                                f"(B*out = {b * n_out}, D = {n_in})")
+    t0 = time.perf_counter()
+    j, error = None, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.manual_seed(1)
+            j = call()
+        except Exception as e:  # noqa: BLE001 - every escape is classified
+            error = e
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    rec["warned"] = any(issubclass(w.category, chunkjac.CouplingWarning) for w in caught)
+    rec["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught
+                              if str(w.message).startswith("chunkjac")})
+    chunkjac.probe_cache.clear()
+    if error is not None:
+        msg = str(error).strip()
+        rec.update(cls="refused" if msg.startswith("chunkjac:") else "raw_error",
+                   message=first_line(error), where=where(error))
+    elif not isinstance(j, torch.Tensor):
+        rec.update(cls="wrong", message=f"returned {type(j).__name__}, not a tensor")
+
+    if "ref" not in cache:
+        if cache.get("say"):
+            cache["say"]({"reference": rec.get("key"), "rec": rec})  # (what chunkjac did, should it not return)
+        if os.environ.get("CATALOGUE_REF_HANG_ON") and os.environ["CATALOGUE_REF_HANG_ON"] in rec.get("key", ""):
+            time.sleep(3600)  # to test the parent's handling of a slow reference
+        t1 = time.perf_counter()
+        try:
+            torch.manual_seed(1)
+            cache["ref"] = ("rev-over-rev",) + reference2(f, x, full)
+        except Exception as e:
+            first = first_line(e)
+            cache["ref"] = e
+            notes = [f"reverse over reverse failed: {first}"]
+            try:  # fused attention kernels have no double backward; the math one computes the same
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel([SDPBackend.MATH]):
+                    torch.manual_seed(1)
+                    cache["ref"] = ("rev-over-rev (sdpa math)",) + reference2(f, x, full)
+            except Exception as e2:
+                notes.append(f"with the math attention kernel: {first_line(e2)}")
+            # per sample, whole Hessians: only where they fit
+            for alt in ("fwd-over-rev", "fwd-over-fwd") if full and isinstance(cache["ref"], Exception) else ():
+                try:
+                    torch.manual_seed(1)
+                    cache["ref"] = (f"{alt} per sample", per_sample_reference(f, x, alt), None, None)
+                    break
+                except Exception as e2:
+                    notes.append(f"{alt} failed: {first_line(e2)}")
+            cache["ref_note"] = "; ".join(notes)[:600]
+        cache["ref_seconds"] = round(time.perf_counter() - t1, 3)
+    rec["ref_seconds"] = cache["ref_seconds"]
+    if cache.get("ref_note"):
+        rec["ref_note"] = cache["ref_note"]
+    if isinstance(cache["ref"], Exception):
+        e = cache["ref"]
+        rec["ref_ok"] = False
+        if rec.get("cls") in ("refused", "raw_error"):
+            rec["note"] = f"the reference fails too: {first_line(e)}"
+            return rec
+        if j is not None:
+            return dict(rec, cls="skipped", message=f"unverified: chunkjac returned a result, the reference "
+                        f"failed: {first_line(e)}", chunkjac="returned")
+        return dict(rec, cls="skipped", message=f"reference failed: {first_line(e)}", chunkjac=rec.get("cls"))
+    how, h, coupled, nonfinite_off = cache["ref"]
+    rec["ref_ok"] = True
+    rec["reference"] = how
+    if coupled is not None:
+        rec["coupled_ref"] = coupled
+    if nonfinite_off:
+        rec["offdiag_nonfinite"] = True
+    if "cls" in rec:
+        return rec
+    ref = second_part(h, x, part, full)
+    diff = compare(j, ref, RTOL2, ATOL2)
+    if diff and not diff.startswith("shape:") and full:
+        for alt in ("fwd-over-rev", "fwd-over-fwd"):
+            if alt in how:
+                continue
+            key = "alt:" + alt
+            if key in cache and cache[key] is None:
+                continue
+            try:
+                if key not in cache:
+                    cache[key] = per_sample_reference(f, x, alt)
+                if not compare(j, second_part(cache[key], x, part), RTOL2, ATOL2):
+                    if diff.startswith("non-finite:"):
+                        rec["note"] = (f"matches the forward-mode reference ({alt}, per sample); the {how} one "
+                                       f"differs: {diff}")
+                        diff = ""
+                    else:
+                        rec["note"] = f"matches the {alt} reference (per sample); the {how} one differs"
+                    break
+            except Exception as e:
+                cache[key] = None
+                rec.setdefault("alt_failed", []).append(f"{alt}: {first_line(e)}"[:200])
+    rec.update(cls="wrong" if diff else "exact", message=diff)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------
 # The cases of one op / module (in a worker)
 # ----------------------------------------------------------------------------------------------------
 
@@ -308,12 +559,13 @@ def op_cases(op, n_samples):
 
         base = dict(kind="op", name=name, sample=k, args=shape_of(args), kwargs=sorted(kwargs))
         yield (f"op:{name}#{k}:batched", dict(base, variant="batched"),
-               lambda f=f, x=x: chunkjac.compute(f, x), f, x)
+               lambda f=f, x=x, api=chunkjac.compute: api(f, x), f, x)
         if any(isinstance(a, torch.Tensor) for a in args):
             def g(z, *a, kwargs=kwargs):
                 return op(z, *a, **kwargs)
             yield (f"op:{name}#{k}:shared_args", dict(base, variant="shared_args"),
-                   lambda g=g, x=x, args=args: chunkjac.compute(g, (x, *args), in_dims=(0,) + (None,) * len(args)),
+                   lambda g=g, x=x, args=args, api=chunkjac.compute: api(g, (x, *args),
+                                                                         in_dims=(0,) + (None,) * len(args)),
                    f, x)
 
 
@@ -360,13 +612,34 @@ def module_cases(mi, n_samples):
                 return out[0] if isinstance(out, (tuple, list)) else out
 
             if rest or kwargs or not fwd.args:
-                def call(m=m, x=x, rest=rest, kwargs=kwargs, pick=pick, m_call=m_call):
-                    return chunkjac.compute(lambda z, *r: m_call(m, z, r, kwargs), (x, *rest),
-                                            in_dims=(0,) + (None,) * len(rest), output=pick)
+                def call(m=m, x=x, rest=rest, kwargs=kwargs, pick=pick, m_call=m_call, api=chunkjac.compute):
+                    return api(lambda z, *r: m_call(m, z, r, kwargs), (x, *rest),
+                               in_dims=(0,) + (None,) * len(rest), output=pick)
             else:
-                def call(m=m, x=x, pick=pick):
-                    return chunkjac.compute(m, x, output=pick)
+                def call(m=m, x=x, pick=pick, api=chunkjac.compute):
+                    return api(m, x, output=pick)
             yield key, rec, call, f_ref, x
+
+
+def second_cases(cases, parts, no_ref=frozenset(), say=None):
+    """--second: each case once per part, key "<key>+<part>", call() through chunkjac.laplacian or
+    chunkjac.hessian(part=...); the parts of one case share one reference (the cache, the 6th item).
+    Cases in ``no_ref`` (their reference ran out of time before) get none; ``say`` tells the parent
+    when a reference starts (its own time limit)."""
+    import chunkjac
+    apis = {"laplacian": chunkjac.laplacian,
+            "diagonal": lambda *a, **k: chunkjac.hessian(*a, part="diagonal", **k),
+            "full": lambda *a, **k: chunkjac.hessian(*a, part="full", **k)}
+    for key, rec, call, f, x in cases:
+        if call is None:
+            yield key, rec, None, None, None, None, None
+            continue
+        cache = {"say": say}
+        if key in no_ref:
+            cache.update(ref=TimeoutError("the reference ran out of time on another part of this case"),
+                         ref_seconds=None)
+        for part in parts:
+            yield f"{key}+{part}", dict(rec), (lambda call=call, api=apis[part]: call(api=api)), f, x, part, cache
 
 
 def worker() -> None:
@@ -390,7 +663,11 @@ def worker() -> None:
                 cases = op_cases(op_db[index], task["samples"])
             else:
                 cases = module_cases(module_db[index], task["samples"])
-            for key, rec, call, f, x in cases:
+            if task.get("parts"):
+                cases = second_cases(cases, task["parts"], set(task.get("no_ref", ())), say)
+            else:
+                cases = ((*c, None, None) for c in cases)
+            for key, rec, call, f, x, part, cache in cases:
                 if key in skip:
                     continue
                 say({"start": key})
@@ -401,7 +678,7 @@ def worker() -> None:
                 rec["key"] = key
                 if call is not None:  # (None: rec already says why it is skipped)
                     try:
-                        rec = run_case(rec, call, f, x)
+                        rec = run_case(rec, call, f, x, part, cache)
                     except Exception as e:  # a bug of this script, or an op that fails strangely
                         rec.update(cls="skipped", message=f"harness error: {first_line(e)}", where=where(e))
                 say({"case": rec})
@@ -459,7 +736,8 @@ class Worker:
 class Driver:
     def __init__(self, units, args):
         self.pending = collections.deque(
-            {"unit": [kind, index], "name": name, "skip": [], "samples": args.samples} for kind, index, name in units)
+            {"unit": [kind, index], "name": name, "skip": [], "samples": args.samples, "parts": args.second}
+            for kind, index, name in units)
         self.total = len(units)
         self.args = args
         self.lock = threading.Lock()
@@ -486,7 +764,7 @@ class Driver:
                 if w.messages.get(timeout=300) is None:
                     raise SystemExit(f"a worker failed to start: {w.death()}")
             w.send(task)
-            current, done_keys = None, []
+            current, done_keys, in_ref = None, [], None
             deadline = time.time() + max(self.args.timeout, 120)  # generating the samples
             while True:
                 try:
@@ -495,6 +773,9 @@ class Driver:
                     msg = "timeout"
                 if msg is None or msg == "timeout":
                     reason = w.death() if msg is None else f"no answer after {self.args.timeout:g} s"
+                    if in_ref is not None:  # --second: chunkjac had answered; the reference did not finish
+                        reason = (f"reference crashed: {reason}" if msg is None else
+                                  f"reference took longer than {self.args.ref_timeout:g} s")
                     if msg == "timeout":
                         w.proc.kill()
                     w.kill()
@@ -502,19 +783,33 @@ class Driver:
                     key = current or f"{task['unit'][0]}:{task['unit'][1]}:samples"
                     kind, name = task["unit"][0], task["name"]
                     variant, sample = (key.split(":")[-1], int(key.split("#")[-1].split(":")[0])) if current else ("-", -1)
-                    self.record({"key": key, "kind": kind, "name": name, "variant": variant, "sample": sample,
-                                 "cls": "crash" if msg is None else "hang", "message": reason})
+                    rec = {"key": key, "kind": kind, "name": name, "variant": variant, "sample": sample,
+                           "cls": "crash" if msg is None else "hang", "message": reason}
+                    if "+" in variant:  # --second: "<variant>+<part>"
+                        rec["variant"], rec["part"] = variant.split("+", 1)
+                    no_ref = list(task.get("no_ref", []))
+                    if in_ref is not None:  # not chunkjac's doing; the case's other parts skip the reference
+                        no_ref.append(key.rsplit("+", 1)[0])
+                        if in_ref.get("cls"):  # chunkjac refused or failed: that stands
+                            rec = dict(in_ref, note=reason)
+                        else:
+                            rec = dict(in_ref, cls="skipped", message=f"unverified: chunkjac returned a result, "
+                                       f"the {reason}", chunkjac="returned")
+                    self.record(rec)
                     if current:  # resume after the case that killed the worker
                         with self.lock:
-                            self.pending.appendleft(dict(task, skip=task["skip"] + done_keys + [current]))
+                            self.pending.appendleft(dict(task, skip=task["skip"] + done_keys + [current],
+                                                         no_ref=no_ref))
                     else:
                         self._progress(task)
                     break
                 if "start" in msg:
-                    current, deadline = msg["start"], time.time() + self.args.timeout
+                    current, deadline, in_ref = msg["start"], time.time() + self.args.timeout, None
+                elif "reference" in msg:  # --second: chunkjac answered; the reference gets its own time
+                    in_ref, deadline = msg["rec"], time.time() + self.args.ref_timeout
                 elif "case" in msg:
                     done_keys.append(msg["case"]["key"])
-                    current = None
+                    current, in_ref = None, None
                     self.record(msg["case"])
                 elif "done" in msg:
                     self._progress(task)
@@ -558,6 +853,18 @@ def summarize(records: list, out=sys.stdout) -> None:
         c = collections.Counter(r["cls"] for r in records if r["kind"] == kind)
         if c:
             p(f"  {kind + 's':<8} " + ", ".join(f"{k} {c[k]}" for k in CLASSES))
+    for part in PARTS:  # --second
+        c = collections.Counter(r["cls"] for r in records if r.get("part") == part)
+        if c:
+            p(f"  {part:<9} " + ", ".join(f"{k} {c[k]}" for k in CLASSES))
+    unverified = [r for r in records if r["cls"] == "skipped" and r.get("message", "").startswith("unverified:")]
+    if unverified:
+        p(f"  unverified (chunkjac returned a result, no reference; counted as skipped): {len(unverified)}")
+    others = collections.Counter(r["reference"] for r in records
+                                 if r.get("reference", "rev-over-rev") != "rev-over-rev")
+    if others:
+        p("  graded against a fallback reference (reverse over reverse failed): "
+          + ", ".join(f"{k} {n}" for k, n in others.items()))
     ran = [r for r in records if "coupled_ref" in r]
     if ran:
         interact = lambda r: any("samples interact" in w for w in r.get("warnings", []))  # noqa: E731
@@ -585,7 +892,8 @@ def summarize(records: list, out=sys.stdout) -> None:
             for r in rs:
                 flags = "".join([" coupled" if r.get("coupled_ref") else "", " warned" if r.get("warned") else "",
                                  " random" if r.get("random") else "", " sparse" if r.get("sparse") else "",
-                                 " (reference fails too)" if r.get("note") else ""])
+                                 " (reference fails too)" if r.get("note", "").startswith("the reference fails too")
+                                 else f" [{r['note'][:100]}]" if r.get("note") else ""])
                 p(f"      {r['key']}  in={r.get('in_shape')} out={r.get('out_shape')}{flags}")
     maybe = [r for r in records if r["cls"] == "refused" and r.get("coupled_ref") is False and not r.get("random")]
     if maybe:
@@ -596,6 +904,16 @@ def summarize(records: list, out=sys.stdout) -> None:
         for msg, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             p(f"  [{len(rs)}] {rs[0]['message'][:200]}")
             p("      " + ", ".join(f"{r['name']}#{r['sample']}:{r['variant']} in={r.get('in_shape')}" for r in rs))
+    exists = [r for r in records if r["cls"] == "refused" and r.get("ref_ok")]
+    if exists:
+        p(f"\n== refused although the reference computed the second derivative ({len(exists)}) ==")
+        groups = collections.defaultdict(list)
+        for r in exists:
+            groups[normalized(r["message"])[:110]].append(r)
+        for msg, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            p(f"  [{len(rs)}] {rs[0]['message'][:200]}")
+            p("      " + ", ".join(f"{r['name']}#{r['sample']}:{r['variant']}+{r['part']} in={r.get('in_shape')}"
+                                   for r in rs))
     for cls, top in (("refused", 40), ("skipped", 15)):
         groups = collections.Counter(normalized(r.get("message", "")) for r in records if r["cls"] == cls)
         if groups:
@@ -617,18 +935,34 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "chunkjac_catalogue.jsonl"),
                     help="the JSON-lines file of every case (default: chunkjac_catalogue.jsonl in the temp dir)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
+    ap.add_argument("--timeout", type=float, help="seconds per case before it counts as a hang (default 60, "
+                    "with --second 120)")
+    ap.add_argument("--second", action="store_true", help="second derivatives: chunkjac.laplacian and "
+                    "chunkjac.hessian(part='diagonal' / 'full') against reverse over reverse")
+    ap.add_argument("--ref-timeout", type=float, default=300.0, help="with --second: seconds the reference "
+                    "may take per case after chunkjac answered; past it the case is skipped (default 300)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="with --second: the parts to run, comma-separated "
+                    "(default laplacian,diagonal,full)")
     ap.add_argument("--quick", action="store_true", help="a representative subset, under 3 minutes")
     ap.add_argument("--summary", metavar="JSONL", help="only print the summary of an earlier run's file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker()
+    if args.timeout is None:
+        args.timeout = 120.0 if args.second else 60.0
+    if args.second:
+        args.second = [p.strip() for p in args.parts.split(",") if p.strip()]
+        if not args.second or set(args.second) - set(PARTS):
+            ap.error(f"--parts: choose from {', '.join(PARTS)}")
+    else:
+        args.second = None
     if args.summary:
         with open(args.summary) as fh:
             return summarize([json.loads(l) for l in fh if l.strip()])
     units = list_units(args)
-    print(f"{len(units)} ops/modules, up to {args.samples} samples each, {args.jobs} workers -> {args.out}",
+    print(f"{len(units)} ops/modules, up to {args.samples} samples each, {args.jobs} workers"
+          + (f", second derivatives ({', '.join(args.second)})" if args.second else "") + f" -> {args.out}",
           file=sys.stderr)
     t0 = time.time()
     records = Driver(units, args).run()
