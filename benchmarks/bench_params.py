@@ -90,7 +90,7 @@ def grads(xt, mlp, loss, params):
                               chunkjac.compute(loss, (x, t), wrt=list(mlp.parameters()), budget="1GB").items()},
          "vmap(grad(functional_call))": vgrad}
     if GradSampleModule is not None:
-        gsm = GradSampleModule(nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)))
+        gsm = GradSampleModule(nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)), loss_reduction="sum")
         gsm._module.load_state_dict(mlp.state_dict())
 
         def opacus():
