@@ -11,9 +11,7 @@ float32, 2 threads.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -22,7 +20,7 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jacrev, vmap  # noqa: E402
 
 import chunkjac  # noqa: E402
-from chunkjac._memory import measure_peak  # noqa: E402
+from _harness import interleaved_table  # noqa: E402
 
 try:
     from opacus import GradSampleModule  # noqa: E402
@@ -103,12 +101,6 @@ def grads(xt, mlp, loss, params):
     return m
 
 
-def _peak(f) -> float:
-    peak, result = measure_peak(f, torch.device("cpu"))
-    del result
-    return peak
-
-
 def max_rel(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
 
@@ -132,22 +124,7 @@ def main():
             assert err < 1e-4, f"{name}: {k} disagrees with chunkjac (relative {err:.2g})"
         del small, ref
         methods = make(x)
-        times = {k: [] for k in methods}
-        for r in range(a.rounds):
-            order = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
-            for k in order:
-                t = time.perf_counter()
-                methods[k]()
-                times[k].append(time.perf_counter() - t)
-        peaks = {k: _peak(f) for k, f in methods.items()}
-        base = statistics.median(times["chunkjac"])
-        print(f"## {name}")
-        print("| method | median s | x chunkjac's time | peak MB |")
-        print("| --- | ---: | ---: | ---: |")
-        for k in methods:
-            t = statistics.median(times[k])
-            print(f"| {k} | {t:.3f} | {t / base:.2f} | {peaks[k] / 1e6:,.0f} |")
-        print(flush=True)
+        interleaved_table(name, methods, a.rounds)
 
 
 if __name__ == "__main__":

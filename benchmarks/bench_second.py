@@ -14,9 +14,7 @@ grad-of-grad loop (../seeds 002), and, when the ``jet`` package is importable (j
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -25,7 +23,7 @@ from torch import nn  # noqa: E402
 from torch.func import hessian, vmap  # noqa: E402
 
 import chunkjac  # noqa: E402
-from chunkjac._memory import measure_peak  # noqa: E402
+from _harness import interleaved_table  # noqa: E402
 
 try:
     import jet  # noqa: E402
@@ -134,22 +132,7 @@ def main():
             got = f()
             err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
             assert err < 1e-3, f"{name}: {k} disagrees with chunkjac (relative {err:.2g})"
-        times = {k: [] for k in methods}
-        for r in range(a.rounds):
-            order = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
-            for k in order:
-                t = time.perf_counter()
-                methods[k]()
-                times[k].append(time.perf_counter() - t)
-        peaks = {k: measure_peak(f, torch.device("cpu"))[0] for k, f in methods.items()}
-        base = statistics.median(times["chunkjac"])
-        print(f"## {name}")
-        print("| method | median s | x chunkjac's time | peak MB |")
-        print("| --- | ---: | ---: | ---: |")
-        for k in methods:
-            t = statistics.median(times[k])
-            print(f"| {k} | {t:.3f} | {t / base:.2f} | {peaks[k] / 1e6:,.0f} |")
-        print(flush=True)
+        interleaved_table(name, methods, a.rounds)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from ._plan import Plan
 from ._probe import PROBE_SIZES
 from ._spec import Spec
 from ._strategies import STRATEGIES
-from ._strategies.coloured import forward_refused, load_forward_decompositions
+from ._function import load_forward_decompositions
+from ._strategies.coloured import forward_refused
 
 _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -285,6 +286,16 @@ def detached_parameters(modules: list[nn.Module]):
         for m, params in saved:
             m._parameters.clear()
             m._parameters.update(params)
+
+
+def load_forward_decompositions() -> None:
+    """torch.func.jvp loads PyTorch's forward-AD decompositions on first use through torch.jit.script,
+    which warns DeprecationWarning: under ``-W error`` the load itself fails. Load them quietly, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+        if load is not None:
+            load()
 
 
 def detach_all(out: Any) -> Any:

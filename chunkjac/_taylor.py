@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch.func import jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._function import load_forward_decompositions
+
 PARTS = ("full", "diagonal", "laplacian")
 
 
@@ -251,8 +253,6 @@ def _inplace_target(func, args, kwargs):
     if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor) \
             and name not in ("requires_grad_", "retain_grad_", "share_memory_", "record_stream_"):
         return args[0]
-    if name in ("requires_grad_",):
-        return None
     return None
 
 
@@ -542,12 +542,7 @@ _ELEMENTWISE: dict[str, Callable] = {
 
 
 def _unary_rule(name):
-    derivs = _ELEMENTWISE[name]
-
-    def guarded(v, y, rest, kw):
-        return derivs(v, y, rest, kw)
-
-    inner = _unary(guarded, name)
+    inner = _unary(_ELEMENTWISE[name], name)
 
     def rule(func, args, kwargs):
         try:
@@ -689,8 +684,7 @@ def _mul(func, args, kwargs):
         lay = a._lay
         k = lay.dims
         da, db = _lead(a._d, r), _lead(b._d, r)
-        d = da * vb + va * db
-        d = d.expand(d.shape[0], *y.shape).clone() if d.shape[1:] != y.shape else d
+        d = da * vb + va * db  # (C, *y.shape): both stacks lead with C and broadcast behind it
         d[k:] += 2 * lay.pair(da[:k], db[:k]).expand(lay.terms, *y.shape)
         return Jet.of(y, d, lay)
     j, other = (a, vb) if isinstance(a, Jet) else (b, va)
@@ -729,12 +723,11 @@ def _bilinear(func, args, kwargs):
         lay = a._lay
         k = lay.dims
         first = _over_stack(func, a._d, vb, in_dims=(0, None)) + _over_stack(func, va, b._d, in_dims=(None, 0))
-        cross = _over_stack(func, a._d[:k], b._d[:k])  # (D, *y): B(Ja_k, Jb_k)
         if lay.part == "full":
             x = _over_stack(lambda p: _over_stack(lambda q: func(p, q), b._d[:k]), a._d[:k])  # (D, D, *y)
             pair = ((x + x.transpose(0, 1)) / 2).reshape(k * k, *y.shape)
         else:
-            pair = lay.collapse(cross)
+            pair = lay.collapse(_over_stack(func, a._d[:k], b._d[:k]))  # from (D, *y): B(Ja_k, Jb_k)
         first[k:] += 2 * pair
         return Jet.of(y, first, lay)
     if isinstance(a, Jet):
@@ -793,7 +786,7 @@ def _generic(func, args, kwargs, out=None):
 
     firsts = tuple(flat[i]._d[:k] for i in pos)
     seconds = tuple(flat[i]._d[k:] for i in pos)
-    _load_decompositions()
+    load_forward_decompositions()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*performance drop.*")
@@ -819,16 +812,6 @@ def _generic(func, args, kwargs, out=None):
         res[i] = Jet.of(leaf, torch.cat([first[m], second]).to(leaf.dtype), lay)
     result = tree_unflatten([res.get(i, leaf) for i, leaf in enumerate(out_flat)], tree_flatten(out)[1])
     return _mark(result, jets)
-
-
-def _load_decompositions() -> None:
-    """torch.func.jvp loads its decompositions through torch.jit.script on first use, which warns
-    DeprecationWarning: under -W error every generic rule would fail. Loaded quietly, once."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
-        if load is not None:
-            load()
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -979,50 +962,48 @@ def _rms_norm(input, normalized_shape, weight=None, eps=None):
     return y * weight if weight is not None else y
 
 
+def _channels(x) -> tuple:
+    """The shape that broadcasts a (C,) vector along dim 1 of x (N, C, ...)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def _per_channel(y, weight, bias):
+    if weight is not None:
+        y = y * weight.reshape(_channels(y))
+    if bias is not None:
+        y = y + bias.reshape(_channels(y))
+    return y
+
+
+def _with_running(x, mean, var, eps):
+    return (x - mean.reshape(_channels(x))) * torch.rsqrt(var.reshape(_channels(x)) + eps)
+
+
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     shape = input.shape
-    y = _normalise(input.reshape(shape[0], num_groups, -1), (-1,), eps).reshape(shape)
-    affine = (1, shape[1]) + (1,) * (len(shape) - 2)
-    if weight is not None:
-        y = y * weight.reshape(affine)
-    if bias is not None:
-        y = y + bias.reshape(affine)
-    return y
+    return _per_channel(_normalise(input.reshape(shape[0], num_groups, -1), (-1,), eps).reshape(shape), weight, bias)
 
 
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                 eps=1e-5):
     if any(isinstance(t, Jet) for t in (running_mean, running_var)):
         raise _UseGeneric
-    shape = input.shape
-    affine = (1, shape[1]) + (1,) * (len(shape) - 2)
     if training or running_mean is None:
-        dims = (0,) + tuple(range(2, len(shape)))
-        y = _normalise(input, dims, eps)
+        y = _normalise(input, (0,) + tuple(range(2, input.dim())), eps)
     else:
-        y = (input - running_mean.reshape(affine)) * torch.rsqrt(running_var.reshape(affine) + eps)
-    if weight is not None:
-        y = y * weight.reshape(affine)
-    if bias is not None:
-        y = y + bias.reshape(affine)
-    return y
+        y = _with_running(input, running_mean, running_var, eps)
+    return _per_channel(y, weight, bias)
 
 
 def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                    momentum=0.1, eps=1e-5):
     if any(isinstance(t, Jet) for t in (running_mean, running_var)):
         raise _UseGeneric
-    shape = input.shape
-    affine = (1, shape[1]) + (1,) * (len(shape) - 2)
     if use_input_stats or running_mean is None:
-        y = _normalise(input, tuple(range(2, len(shape))), eps)
+        y = _normalise(input, tuple(range(2, input.dim())), eps)
     else:
-        y = (input - running_mean.reshape(affine)) * torch.rsqrt(running_var.reshape(affine) + eps)
-    if weight is not None:
-        y = y * weight.reshape(affine)
-    if bias is not None:
-        y = y + bias.reshape(affine)
-    return y
+        y = _with_running(input, running_mean, running_var, eps)
+    return _per_channel(y, weight, bias)
 
 
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

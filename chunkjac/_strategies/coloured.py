@@ -19,14 +19,13 @@ gradients; forward: ceil(k * n_in / cols_per_jvp) batched JVPs, memory ~ cols_pe
 """
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch.func import jvp, vmap
 
 from .._errors import RandomFunctionError, is_out_of_memory
-from .._function import FnError, call, detach_all, own_buffers, reached_modules, select, shielded, split_tensors
+from .._function import FnError, call, load_forward_decompositions, detach_all, own_buffers, reached_modules, select, shielded, split_tensors
 from .._spec import Spec
 
 if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
@@ -343,11 +342,3 @@ def forward_refused(e: RuntimeError, shared: bool = False) -> RuntimeError:
     return RuntimeError(f"chunkjac: forward mode cannot run fn ({why}).{hint} Pass mode='reverse'.")
 
 
-def load_forward_decompositions() -> None:
-    """torch.func.jvp loads PyTorch's forward-AD decompositions on first use through torch.jit.script,
-    which warns DeprecationWarning: under ``-W error`` the load itself fails. Load them quietly, once."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
-        if load is not None:
-            load()

@@ -18,7 +18,7 @@ import torch
 
 from .._function import call, detach_all, select
 from .._spec import Spec
-from ._second import along, empty, groups, is_empty, merge, shaped
+from ._second import empty, groups, is_empty, merge, shaped
 
 if TYPE_CHECKING:
     from .._plan import Plan
