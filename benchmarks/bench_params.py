@@ -65,7 +65,8 @@ def rows():
                                     torch.randn(256, 3, 32, 32), (None, 64)),
                                    ("PINN 3->128x3->3, all parameters, B = 10^4", pinn, torch.rand(10_000, 3), (None, 1000))):
         def methods(x, model=model, chunks=chunks):
-            m = {"chunkjac": lambda: chunkjac.compute(model, x, wrt="params", budget="1GB")}
+            m = {"chunkjac": lambda: chunkjac.compute(model, x, wrt="params"),
+                 "chunkjac, budget 1 GB": lambda: chunkjac.compute(model, x, wrt="params", budget="1GB")}
             for c in chunks:
                 m[f"vmap(jacrev(functional_call)), chunk_size={c}"] = lambda c=c: recipe(model, x, c)
             return m
@@ -84,8 +85,11 @@ def grads(xt, mlp, loss, params):
         one = lambda p, xi, ti: nn.functional.cross_entropy(functional_call(mlp, p, (xi[None],)), ti[None])  # noqa
         return vmap(grad(one), in_dims=(None, 0, 0))(params, x, t)
 
-    m = {"chunkjac": lambda: {k.removeprefix("model."): v for k, v in
-                              chunkjac.compute(loss, (x, t), wrt=list(mlp.parameters()), budget="1GB").items()},
+    def cj(**kw):
+        return lambda: {k.removeprefix("model."): v for k, v in
+                        chunkjac.compute(loss, (x, t), wrt=list(mlp.parameters()), **kw).items()}
+
+    m = {"chunkjac": cj(), "chunkjac, budget 1 GB": cj(budget="1GB"),
          "vmap(grad(functional_call))": vgrad}
     if GradSampleModule is not None:
         gsm = GradSampleModule(nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)), loss_reduction="sum")

@@ -3,13 +3,14 @@
     J = chunkjac.compute(model, x, budget="20GB")     # (B, *out, *in), J[i] = dy_i/dx_i
 """
 from ._call import compute, hessian, laplacian, plan, probe_cache
-from ._errors import BudgetError, CouplingWarning, TooLongError
+from ._errors import BudgetError, CouplingWarning, DistributedError, TooLongError
 from ._graph import jacobian_of
 from ._plan import Plan
 from ._probe import ProbeCache
 from ._version import __version__
 
-__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingWarning", "TooLongError",
+__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingWarning",
+           "DistributedError", "TooLongError",
            "ProbeCache", "probe_cache", "__version__"]
 
 

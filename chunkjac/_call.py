@@ -8,11 +8,13 @@ from typing import Any, Callable
 
 import dataclasses
 import functools
+import logging
 import warnings
 
 import numpy as np
 import torch
 
+from . import _distributed
 from ._budget import parse_budget
 from ._check import check_forward_mode, check_second_order
 from ._coupling import Coupling, coupled, independent, unsplittable
@@ -26,6 +28,7 @@ from ._plan import Plan, make_coupled_plan, make_plan
 from ._probe import ProbeCache, _identity
 from ._spec import Spec, normalize
 
+log = logging.getLogger("chunkjac")
 probe_cache = ProbeCache()
 """The probe results ``compute`` and ``plan`` reuse across calls; ``probe_cache.clear()`` empties it."""
 
@@ -74,10 +77,11 @@ def _check_unmodified(inputs, versions) -> None:
 
 def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device,
              chunk_size, max_seconds, given: Plan | None = None, part: str | None = None,
-             return_jacobian: bool = False, flat: bool = False):
+             return_jacobian: bool = False, flat: bool = False, to_memory: bool = True):
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                      create_graph=create_graph, return_outputs=return_outputs, device=device, part=part,
                      return_jacobian=return_jacobian, flat=flat)
+    spec = dataclasses.replace(spec, to_memory=to_memory)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunkjac: chunk_size must be a positive int or None, got {chunk_size!r}.")
@@ -103,7 +107,7 @@ def _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, ret
     # structure_key holds fn's modules, the inputs' layout and in_dims: the rest is the call's options.
     key = (_identity(spec.fn), "call", str(spec.device), structure_key(spec), spec.batch_size, spec.mode,
            tuple((t.kind, t.index, t.name) for t in spec.targets), repr(spec.output), spec.create_graph,
-           _argument_key(coupling), repr(budget), chunk_size, max_seconds, spec.part, spec.return_jacobian)
+           _argument_key(coupling), repr(budget), chunk_size, max_seconds, spec.part, spec.return_jacobian, to_memory)
     coupling, mode, p, warning = probe_cache.get(
         key, spec.fn, lambda: _decide(spec, budget, chunk_size, max_seconds), every=probe_cache.recheck_every,
         state=state_key(spec))
@@ -265,6 +269,10 @@ def _pinned(spec: Spec, given) -> tuple[Spec, Plan]:
             f"chunkjac: plan= was made for another call: {given.batch_size:,} samples, wrt element counts "
             f"{given.in_numels} on {given.device}; this call has {spec.batch_size:,} samples, "
             f"{mine[1]} on {spec.device}. Make the plan with chunkjac.plan(...) and the same arguments.")
+    if given.result_bytes and not spec.to_memory:
+        raise ValueError("chunkjac: plan= was made for a result in new memory (its one chunk is the result, "
+                         f"{given.result_bytes:,} bytes beyond the budget), but this call writes to out=, where a "
+                         "chunk must fit the budget. Make the plan with chunkjac.plan(..., out=<the same out>).")
     coupling = given.coupling if given.coupling is not None else independent(spec.batch_size, "plan=")
     return dataclasses.replace(spec, coupling=coupling), given
 
@@ -370,10 +378,15 @@ def compute(
 
 def _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget, device, chunk_size,
          progress, max_seconds, out, resume, plan, part=None, return_jacobian=False, flat=False):
+    job = _distributed.join(out)
+    if job is not None:
+        return _run_sharded(job, fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
+                            budget, device, chunk_size, progress, max_seconds, out, resume, plan, part,
+                            return_jacobian, flat)
     versions = _versions(inputs)
     spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
                        device, chunk_size, max_seconds, given=plan, part=part, return_jacobian=return_jacobian,
-                       flat=flat)
+                       flat=flat, to_memory=out is None)
     _check_unmodified(inputs, versions)
     if p.too_long:
         raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
@@ -388,6 +401,75 @@ def _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_
         o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
     _check_unmodified(inputs, versions)
     return result
+
+
+def _run_sharded(job: _distributed.Job, fn, inputs, wrt, output, in_dims, mode, coupling, create_graph,
+                 return_outputs, budget, device, chunk_size, progress, max_seconds, out, resume, plan, part,
+                 return_jacobian, flat):
+    """A dump shared by the processes of a torch.distributed job: steps 2-5 of [Sharded dumps]."""
+    device = _distributed.device_for(job, device)
+    o = None
+    try:
+        versions = _versions(inputs)
+        given = plan
+        if job.rank != 0:
+            given = job.receive("plan")  # rank 0's plan (even where each rank was given one), on this rank's device
+            if device is not None:
+                given = dataclasses.replace(given, device=torch.device(device))
+        spec, p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
+                           device, chunk_size, max_seconds, given=given, part=part,
+                           return_jacobian=return_jacobian, flat=flat, to_memory=False)
+        if job.rank == 0:
+            job.publish("plan", p)
+            log.info("chunkjac: plan, shared by %d processes: %s", job.world, p)
+        if p.too_long:
+            raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
+        if job.rank == 0:
+            o = open_output(spec, p, out, resume, job)
+            units = o.units or []
+            job.publish("open", (units, sorted(o.skip), o.complete))
+        else:
+            units, done, complete = job.receive("open")
+            o = open_output(spec, p, out, True, job)
+            o = dataclasses.replace(o, units=units, skip=frozenset(done), complete=complete)
+        job.todo = [i for i in range(len(units)) if i not in o.skip]
+        mine = set(job.share(job.todo))
+        if not o.complete and o.plan is not p:  # a resumed dump's own plan
+            mismatch = _forward_verdict(spec, o.plan)
+            if mismatch is not None:
+                raise mismatch
+        # (The executor's last act, sink.jacobians(), lists this rank's last chunks in its record.)
+        execute(spec, o.plan, progress=progress, sink=o.sink, units=units,
+                skip=frozenset(i for i in range(len(units)) if i not in mine), job=job)
+        _check_unmodified(inputs, versions)
+        job.finish(lambda: _fold(o))
+        o.sink.close()
+    except Exception as e:
+        if o is not None:
+            o.sink.close()
+        job.fail(e)
+        if isinstance(e, _distributed.DistributedError):
+            raise
+        raise job.own_error(e) from e
+    except BaseException as e:  # KeyboardInterrupt: the others stop too
+        job.fail(e)
+        raise
+    return _reopen(o, spec)
+
+
+def _fold(o) -> None:
+    """Rank 0, every rank done: the ranks' records into the manifest, marked complete."""
+    from . import _manifest
+    m = _manifest.load(o.sink.path)
+    m["complete"] = len(m["done"]) == len(m["chunks"])
+    _manifest.save(o.sink.path, m)
+
+
+def _reopen(o, spec: Spec):
+    """What compute returns for the dump: the finished files, opened again (on a network filesystem
+    this process's pages of the other ranks' rows may be stale until the file is opened anew)."""
+    arrays = [torch.from_numpy(np.lib.format.open_memmap(a.filename, mode="r+")) for a in o.sink.arrays]
+    return arrays[0] if spec.keys is None else dict(zip(spec.keys, arrays))
 
 
 @_guarded
@@ -409,13 +491,17 @@ def plan(
     max_seconds: float | None = MAX_SECONDS,
     part: str | None = None,
     return_jacobian: bool = False,
+    out: Any = None,
 ) -> Plan:
     """The :class:`Plan` ``compute`` would carry out with the same arguments, without computing any
     Jacobian (it probes fn on a few small chunks). ``print(plan)`` gives a one-line report. With
-    ``part`` (and ``return_jacobian``): the plan of ``hessian(..., part=part)``."""
+    ``part`` (and ``return_jacobian``): the plan of ``hessian(..., part=part)``. ``out``: where the
+    result will go, as in ``compute`` (only whether it is new memory matters to the plan: a result in
+    memory may be one chunk larger than the budget, see ``Plan.result_bytes``)."""
     versions = _versions(inputs)
     p = _prepare(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_outputs, budget,
-                 device, chunk_size, max_seconds, part=part, return_jacobian=return_jacobian)[1]
+                 device, chunk_size, max_seconds, part=part, return_jacobian=return_jacobian,
+                 to_memory=out is None)[1]
     _check_unmodified(inputs, versions)
     return p
 

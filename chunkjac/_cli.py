@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import CouplingWarning, __version__, compute, hessian, plan
+from ._distributed import launch_rank, launch_world
 
 
 def pinn_mlp(width: int = 128, depth: int = 3, dim: int = 3) -> nn.Module:
@@ -191,8 +192,16 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     inputs = _load_inputs(inputs_paths)
     opts = _call_options(args)
     before = _done_samples(os.path.join(out, "jacobians") if folder else out) if not args.no_resume else 0
-    p = plan(fn, inputs, **opts)
-    if before:
+    launched = launch_world() > 1
+    if launched and launch_rank() != 0:  # one of torchrun's processes: rank 0 reports (see [Sharded dumps])
+        run = compute if "part" not in opts else hessian
+        run(fn, inputs, out=out, resume=not args.no_resume, progress=False, **opts)
+        return 0
+    # Under torchrun rank 0 plans inside the call, after every process has joined, and logs the plan.
+    p = plan(fn, inputs, out=out, **opts) if not launched else None
+    if launched:
+        print(f"sharded dump: {launch_world()} processes (torchrun), one plan made by rank 0", flush=True)
+    elif before:
         print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
     else:
         print(f"plan: {p}", flush=True)

@@ -18,7 +18,7 @@ from ._budget import format_bytes
 from ._errors import BudgetError, describe
 from ._memory import free_bytes
 from ._plan import Plan
-from ._sinks import MemorySink, NpySink, TensorSink
+from ._sinks import MemorySink, NpySink, ShardSink, TensorSink
 from ._spec import Spec
 
 log = logging.getLogger("chunkjac")
@@ -54,7 +54,9 @@ def check_fits_in_memory(spec: Spec, plan: Plan) -> None:
             "memory-mapped .npy file chunk by chunk (resumable), or pass out=<a preallocated tensor>.")
 
 
-def open_output(spec: Spec, plan: Plan, out, resume: bool) -> Output:
+def open_output(spec: Spec, plan: Plan, out, resume: bool, job=None) -> Output:
+    """Where the run's results go. ``job``: a sharded dump's (see [Sharded dumps] in _distributed):
+    rank 0 creates or resumes the files, the others open what rank 0 made."""
     if out is None:
         check_fits_in_memory(spec, plan)
         return Output(MemorySink(spec.batch_size, differentiable=spec.create_graph,
@@ -68,8 +70,8 @@ def open_output(spec: Spec, plan: Plan, out, resume: bool) -> Output:
     if isinstance(out, (str, os.PathLike)):
         path = os.fspath(out)
         if spec.keys is not None:
-            return _open_folder(spec, plan, path, resume)
-        return _open_npy(spec, plan, path, resume)
+            return _open_folder(spec, plan, path, resume, job)
+        return _open_npy(spec, plan, path, resume, job)
     if isinstance(out, dict) and spec.keys is not None:
         if set(out) != set(spec.keys):
             raise ValueError(f"chunkjac: out is a dict with keys {sorted(map(str, out))}, but the result's keys are "
@@ -102,7 +104,7 @@ def _numpy_dtype(dtype: torch.dtype):
             "(e.g. lambda x: model(x).float()) or pass out=<a preallocated tensor>.") from None
 
 
-def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
+def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool, job=None) -> Output:
     if not path.endswith(".npy"):
         raise ValueError(f"chunkjac: out={path!r} is a path but not to a .npy file; end it with .npy.")
     if not spec.single:
@@ -117,10 +119,10 @@ def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool) -> Output:
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"chunkjac: cannot write {path}: the directory {folder} is not writable.")
     (shape,) = result_shapes(spec, plan)
-    return _open_files(spec, plan, path, [(path, shape)], resume)
+    return _open_files(spec, plan, path, [(path, shape)], resume, job)
 
 
-def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool) -> Output:
+def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool, job=None) -> Output:
     """out='folder/' for a dict result: folder/<key>.npy per key, one manifest (folder/jacobians.chunkjac.json)."""
     if spec.return_outputs:
         raise ValueError("chunkjac: return_outputs=True with a dump: the outputs are not stored in the files, "
@@ -134,15 +136,16 @@ def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool) -> Output:
     parent = os.path.dirname(os.path.abspath(folder.rstrip("/\\")))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"chunkjac: cannot create {folder}: the directory {parent} does not exist.")
-    os.makedirs(folder, exist_ok=True)
+    if job is None or job.rank == 0:
+        os.makedirs(folder, exist_ok=True)
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"chunkjac: cannot write into {folder}: it is not writable.")
     names = [str(k) if not isinstance(k, int) else f"input{k}" for k in spec.keys]
     files = [(os.path.join(folder, f"{n}.npy"), shape) for n, shape in zip(names, result_shapes(spec, plan))]
-    return _open_files(spec, plan, os.path.join(folder, "jacobians"), files, resume)
+    return _open_files(spec, plan, os.path.join(folder, "jacobians"), files, resume, job)
 
 
-def _open_files(spec: Spec, plan: Plan, base: str, files: list, resume: bool) -> Output:
+def _open_files(spec: Spec, plan: Plan, base: str, files: list, resume: bool, job=None) -> Output:
     """A dump into the .npy files ``files`` ((path, shape) each), its manifest and lock at ``base``."""
     dtype = _numpy_dtype(plan.dtype)
     shapes = [s for _, s in files]
@@ -150,17 +153,24 @@ def _open_files(spec: Spec, plan: Plan, base: str, files: list, resume: bool) ->
     if len(files) > 1 or base != files[0][0]:
         fp["result"]["files"] = [os.path.basename(p) for p, _ in files]
         fp["result"]["shapes"] = [list(s) for s in shapes]
-    lock = _lock(base)
+    # One process holds the lock; a sharded dump's other ranks write beside rank 0, not against it.
+    lock = _lock(base) if job is None or job.rank == 0 else None
     try:
-        return _open_locked(spec, plan, base, files, resume, dtype, fp, lock)
+        return _open_locked(spec, plan, base, files, resume, dtype, fp, lock, job)
     except BaseException:
         if lock is not None:
             lock.close()
         raise
 
 
-def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, dtype, fp, lock) -> Output:
+def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, dtype, fp, lock, job=None) -> Output:
     m = _manifest.load(path)
+    attach = job is not None and job.rank != 0  # rank 0 has made or resumed the dump
+    if attach and m is None:
+        raise _manifest.ManifestError(f"chunkjac: rank {job.rank} finds no manifest of {path}, which rank 0 has just "
+                                      "created: the ranks do not share one filesystem at this path. Dump to a "
+                                      "filesystem every node mounts at the same path.")
+    resume = resume or attach
     if m is not None:
         diff = _manifest.differences(m["fingerprint"], fp)
         if diff:
@@ -190,7 +200,7 @@ def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, d
             p = dataclasses.replace(plan, modes=tuple(m["plan"]["modes"]), rows_per_vjp=m["plan"]["rows_per_vjp"],
                                     cols_per_jvp=m["plan"]["cols_per_jvp"],
                                     chunk_size=max(b - a for a, b in m["chunks"]))
-            sink = NpySink(path, arrays, m, spec.batch_size, lock)
+            sink = _sink(path, arrays, m, spec.batch_size, lock, job)
             done, total = len(m["done"]), len(m["chunks"])
             if m["complete"] or done == total:
                 log.info("chunkjac: %s is complete (%d of %d chunks); nothing to do.", path, done, total)
@@ -205,7 +215,7 @@ def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, d
                 raise FileExistsError(
                     f"chunkjac: {f} exists and has no chunkjac manifest, so it was not written by a dump; chunkjac "
                     "does not overwrite it. Delete it or choose another out= path.")
-    return _create(spec, plan, path, files, dtype, fp, lock)
+    return _create(spec, plan, path, files, dtype, fp, lock, job)
 
 
 def _lock(path: str):
@@ -226,7 +236,7 @@ def _lock(path: str):
     return f
 
 
-def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock) -> Output:
+def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock, job=None) -> Output:
     nbytes = sum(math.prod(shape) for _, shape in files) * dtype.itemsize
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
@@ -236,9 +246,10 @@ def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock) -> 
         raise OSError(
             f"chunkjac: {where} would take {format_bytes(nbytes)}, but {folder} has {format_bytes(free)} free. Free "
             "disk space or write to another disk.")
-    mpath = _manifest.manifest_path(path)
-    if os.path.exists(mpath):
-        os.unlink(mpath)  # first: a crash from here on leaves no manifest claiming old rows
+    # First: a crash from here on leaves no manifest (nor a shared dump's record) claiming old rows.
+    for stale in [_manifest.manifest_path(path), *_manifest.records_of(path)]:
+        if os.path.exists(stale):
+            os.unlink(stale)
     arrays = []
     for f, shape in files:
         try:
@@ -256,4 +267,10 @@ def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock) -> 
     m = _manifest.new(fp, units, {"modes": list(plan.modes), "rows_per_vjp": plan.rows_per_vjp,
                                   "cols_per_jvp": plan.cols_per_jvp, "strategy": plan.strategy})
     _manifest.save(path, m)
-    return Output(NpySink(path, arrays, m, spec.batch_size, lock), plan, units)
+    return Output(_sink(path, arrays, m, spec.batch_size, lock, job), plan, units)
+
+
+def _sink(path: str, arrays: list, m: dict, batch_size: int, lock, job) -> NpySink:
+    if job is None:
+        return NpySink(path, arrays, m, batch_size, lock)
+    return ShardSink(path, arrays, m, batch_size, lock, f"{job.token}-{job.rank}", job)

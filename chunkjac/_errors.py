@@ -49,6 +49,11 @@ class CouplingWarning(UserWarning):
     and how to silence it (name the coupling explicitly)."""
 
 
+class DistributedError(RuntimeError):
+    """A sharded dump (torchrun) failed on one of its processes: the message names the rank and its
+    error; the chunks every rank finished are on disk, and running again resumes."""
+
+
 class TooLongError(RuntimeError):
     """A coupled plan is predicted to take longer than ``max_seconds``; the message gives the estimate
     and what would make it faster."""

@@ -94,10 +94,11 @@ class _Loader:
 
 
 def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[int, int]] | None = None,
-            skip: frozenset = frozenset()):
+            skip: frozenset = frozenset(), job=None):
     """Run ``plan`` into ``sink`` (default: memory). ``units``: the chunks a dump records as done
     (``sink.done(i)`` after the last piece of unit i is written); those in ``skip`` are already on
-    disk. Without units the whole batch is one unit. Returns what compute returns."""
+    disk (or, in a sharded dump ``job``, another rank's share: see [Sharded dumps] in _distributed).
+    Without units the whole batch is one unit. Returns what compute returns."""
     strategy = STRATEGIES[plan.strategy]
     if sink is None:
         sink = MemorySink(plan.batch_size, differentiable=spec.create_graph, keep_outputs=spec.return_outputs,
@@ -108,8 +109,12 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     size = plan.chunk_size
     already = sum(b - a for i, (a, b) in enumerate(units) if i in skip)
     # No bar object at all when none is shown: a training loop calls this every step.
+    show = _show_progress(progress, plan) and (job is None or job.rank == 0)
     bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True, desc="chunkjac",
-               dynamic_ncols=True) if _show_progress(progress, plan) else _NoBar()
+               dynamic_ncols=True) if show else _NoBar()
+    if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
+        bar = _JobBar(bar, job, plan.batch_size - sum(b - a for i, (a, b) in enumerate(units)
+                                                      if i not in job.todo))
     backed_off = False
     # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running
     # statistics in training mode) are put back, however many chunks and passes the plan runs.
@@ -139,6 +144,8 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
                     bar.update(stop - start)
                     start = stop
                 sink.done(unit)
+                if job is not None:
+                    job.check()  # another rank failed: stop here, this unit listed
     finally:
         loader.close()
     if backed_off:
@@ -164,6 +171,23 @@ def _flat(jacs: list, plan: Plan) -> torch.Tensor:
 class _NoBar(contextlib.nullcontext):
     def update(self, n: int) -> None:
         pass
+
+
+class _JobBar(contextlib.nullcontext):
+    """A sharded job's progress: every rank counts its samples in the job's store; rank 0's bar
+    shows the sum (with the samples done before this run)."""
+
+    def __init__(self, bar, job, before: int):
+        super().__init__()
+        self.bar, self.job, self.before = bar, job, before
+        self.bar.n = before
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def update(self, n: int) -> None:
+        total = self.job.progress(n) + self.before
+        self.bar.update(total - self.bar.n)
 
 
 def _next_piece(plan: Plan, size: int, stop: int, u1: int, todo: list, k: int):

@@ -15,9 +15,19 @@
 # mtime), the call (wrt, output, mode, coupling) and the result's shape and dtype; a
 # mismatch is refused with the fields that differ, and nothing is written. Not seen: a Dataset or
 # a > 1 GiB tensor changed only between the samples hashed.
+#
+# NOTE: [Records of a shared dump]
+# The processes of a sharded dump (see _distributed) each list their finished chunks in a record
+# of their own, ``jac.npy.chunkjac.done-<job>-<rank>.json`` (replaced atomically, like the manifest),
+# and never write the manifest while the job runs: no process can overwrite another's progress, and
+# no lock has to work across the nodes of a shared filesystem (flock on NFS and Lustre is optional).
+# ``load`` merges every record into the manifest's chunks done, so a dump killed anywhere resumes
+# with any number of processes. A finished run folds the records into the manifest (saved first,
+# then the records deleted: a crash between the two leaves records that merge again harmlessly).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -36,6 +46,7 @@ from ._inputs import Source
 FORMAT = "chunkjac-manifest/1"
 SAMPLES_HASHED = 17
 HASH_WHOLE_BYTES = 1 << 30  # in-memory inputs up to 1 GiB are hashed whole (sha256: ~1 s per GB)
+HASH_BLOCK_BYTES = 32 << 20  # arrays read from files are hashed in blocks of about this size
 
 
 class ManifestError(ValueError):
@@ -44,6 +55,15 @@ class ManifestError(ValueError):
 
 def manifest_path(path: str) -> str:
     return path + ".chunkjac.json"
+
+
+def record_path(path: str, token: str) -> str:
+    """The record of one process of a shared dump (see [Records of a shared dump])."""
+    return f"{path}.chunkjac.done-{token}.json"
+
+
+def records_of(path: str) -> list[str]:
+    return sorted(glob.glob(glob.escape(path) + ".chunkjac.done-*.json"))
 
 
 def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
@@ -74,8 +94,13 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
             whole = math.prod(a.shape) * a.dtype.itemsize <= HASH_WHOLE_BYTES
             if isinstance(a, torch.Tensor) and (d is None or whole):
                 _hash_tensor(h, a)  # in memory and not huge: every value
-            elif array is not None and whole:
-                _hash_tensor(h, a.read_all())  # an array or memmap up to 1 GiB: every value
+            elif array is not None and whole:  # an array or memmap up to 1 GiB: every value, in blocks
+                # (read whole, a 627 MB memmap would be 627 MB of the process's memory that no budget covers)
+                b = a.shape[d]
+                step = max(1, HASH_BLOCK_BYTES * b // max(1, math.prod(a.shape) * a.dtype.itemsize))
+                h.update(str((tuple(a.shape), a.dtype)).encode())
+                for i in range(0, b, step):
+                    h.update(a.read(i, min(b, i + step)).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             else:
                 b = a.shape[d]
                 for i in sorted({round(k * (b - 1) / (SAMPLES_HASHED - 1)) for k in range(SAMPLES_HASHED)}):
@@ -144,13 +169,43 @@ def load(path: str) -> dict | None:
         raise ManifestError(
             f"chunkjac: the manifest {mp} is corrupt or not chunkjac's ({type(e).__name__}: {e}); it cannot say "
             f"which rows of {path} are written. Delete both files to start the dump over.") from None
+    m["records"] = records_of(path)
+    for rp in m["records"]:
+        try:
+            with open(rp, encoding="utf-8") as f:
+                r = json.load(f)
+            assert r["format"] == FORMAT
+            assert all(isinstance(i, int) and 0 <= i < len(chunks) for i in r["done"])
+        except FileNotFoundError:
+            continue  # folded into the manifest by a run that just finished
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            raise ManifestError(
+                f"chunkjac: the record {rp} of a shared dump of {path} is corrupt ({type(e).__name__}: {e}). Delete "
+                "it and run again: its chunks are computed again.") from None
+        m["done"].update(r["done"])
     return m
 
 
 def save(path: str, m: dict) -> None:
-    """Replace the manifest atomically: a crash leaves the old manifest or the new one, never half."""
-    mp = manifest_path(path)
-    data = dict(m, done=sorted(m["done"]), chunks=[list(c) for c in m["chunks"]])
+    """Replace the manifest atomically: a crash leaves the old manifest or the new one, never half.
+    Records of a shared dump that ``m`` has merged are deleted after (see [Records of a shared dump])."""
+    data = {k: v for k, v in m.items() if k != "records"}
+    data.update(done=sorted(m["done"]), chunks=[list(c) for c in m["chunks"]])
+    _write_json(manifest_path(path), data)
+    for rp in m.get("records", ()):
+        try:
+            os.unlink(rp)
+        except FileNotFoundError:
+            pass
+    m["records"] = []
+
+
+def save_record(path: str, token: str, done) -> None:
+    """Replace one process's record of the chunks it has written (atomically, as the manifest)."""
+    _write_json(record_path(path, token), {"format": FORMAT, "done": sorted(done)})
+
+
+def _write_json(mp: str, data: dict) -> None:
     folder = os.path.dirname(os.path.abspath(mp))
     fd, tmp = tempfile.mkstemp(prefix=".chunkjac-", suffix=".tmp", dir=folder)
     try:

@@ -1,6 +1,7 @@
 """Sinks: where finished chunks go: memory, tensors the caller allocated (out=), a .npy file."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -186,3 +187,60 @@ class NpySink(TensorSink):
         if self.lock is not None:
             self.lock.close()
             self.lock = None
+
+
+class ShardSink(NpySink):
+    """One process's part of a sharded dump (see [Sharded dumps] in _distributed): its rows go into
+    the shared files with pwrite (byte ranges, never another process's bytes), its finished chunks
+    into its own record (see [Records of a shared dump] in _manifest); the manifest is rank 0's, at
+    the end."""
+
+    def __init__(self, path: str, arrays: list, manifest: dict, batch_size: int, lock, token: str, job):
+        super().__init__(path, arrays, manifest, batch_size, lock)
+        self.token, self.job = token, job
+        self.mine: set[int] = set()
+        self.fds = [os.open(a.filename, os.O_WRONLY) for a in arrays]
+        self.rows = [(a.offset, a.dtype.itemsize * int(a[0].size) if len(a) else 0) for a in arrays]
+
+    def write(self, start, stop, jacs, outputs) -> None:
+        self._commit()
+        for fd, (offset, row), j in zip(self.fds, self.rows, jacs):
+            data = memoryview(j.detach().to("cpu").contiguous().numpy()).cast("B")
+            at, done = offset + start * row, 0
+            while done < len(data):  # pwrite may write less than asked (2 GB at most on Linux)
+                done += os.pwrite(fd, data[done:], at + done)
+
+    def done(self, unit: int) -> None:
+        self.ready.append(unit)
+        self._commit()
+
+    def _commit(self, force: bool = False) -> None:
+        if not self.ready or (not force and time.monotonic() - self.last < self.COMMIT_SECONDS):
+            return
+        for fd in self.fds:
+            os.fsync(fd)  # the rows are on disk before the record says so
+        self.mine.update(self.ready)
+        try:
+            _manifest.save_record(self.path, self.token, self.mine)
+        except OSError as e:
+            self.mine.difference_update(self.ready)
+            raise OSError(f"chunkjac: cannot update this process's record of {self.path} ({e.strerror or e}); it "
+                          "still lists only the chunks written before. Free disk space and run again: the dump "
+                          "resumes from there.") from None
+        self.ready = []
+        self.last = time.monotonic()
+
+    def jacobians(self) -> list[torch.Tensor]:
+        self._commit(force=True)
+        return self.outs
+
+    def close(self) -> None:
+        if self.fds:
+            try:  # chunks already written whole (a failure elsewhere stops this rank between chunks)
+                self._commit(force=True)
+            except OSError:
+                pass
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        super().close()

@@ -66,6 +66,7 @@ class Spec:
     return_jacobian: bool = False  # with part: the first derivatives too, from the same pass
     keys: tuple | None = None  # a dict result (wrt="params" or a list): its keys, one per target
     flat: bool = False         # a dict's Jacobians concatenated along their last dim: (B, *out, P)
+    to_memory: bool = True     # out=None: a one-chunk run's result is the chunk's own tensor (see _plan)
 
     @property
     def results(self) -> int:

@@ -1,5 +1,7 @@
 """Per-sample Jacobians w.r.t. parameters (wrt="params", lists of names): against torch.func's
 vmap(jacrev(functional_call)), in float64, for both strategies."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,24 @@ def test_params_errors():
         chunkjac.compute(nn.Linear(3, 2).requires_grad_(False), x, wrt="params")
     with pytest.raises(ValueError, match="flat=True concatenates"):
         chunkjac.compute(nn.Linear(3, 2), x, flat=True)
+
+
+def test_a_result_larger_than_the_budget_is_one_chunk_in_memory_and_chunks_on_disk(tmp_path):
+    # Per-sample parameter Jacobians are mostly result (here 134 kB a sample against a few bytes of work): on
+    # the CPU the budget does not count the result in memory, and one chunk's Jacobians are returned
+    # as the result without a copy, so the planner keeps the batch whole; a dump must count them.
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(100, 40), nn.Tanh(), nn.Linear(40, 4)).double()
+    x = torch.randn(2000, 100, dtype=torch.double)
+    result = 2000 * 4 * (100 * 40 + 40 + 40 * 4 + 4) * 8
+    p = chunkjac.plan(model, x, wrt="params", budget="100MB")
+    assert p.num_chunks == 1 and p.result_bytes == result and "the result's" in str(p)
+    J = chunkjac.compute(model, x, wrt="params", budget="100MB")
+    ref = reference(model, x[:50])
+    for k in ref:
+        torch.testing.assert_close(J[k][:50], ref[k])
+    chunkjac.compute(model, x, wrt="params", budget="100MB", out=str(tmp_path / "d"))
+    m = json.load(open(tmp_path / "d" / "jacobians.chunkjac.json"))
+    assert len(m["chunks"]) > 1  # on disk the chunk's Jacobians are memory the budget must hold
+    for k in ref:
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "d" / f"{k}.npy"))[:50], ref[k])
