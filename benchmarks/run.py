@@ -157,9 +157,19 @@ def main(argv=None):
                     "the scaling curve: 2)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--replot", metavar="JSONL", help="no measuring: the table and charts of a run's records")
     ap.add_argument("only", nargs="*")
     a = ap.parse_args(argv)
     rounds = a.rounds or (1 if a.quick else 3)
+    if a.replot:
+        records = [json.loads(line) for line in open(a.replot)]
+        out, dev = os.path.dirname(os.path.abspath(a.replot)), records[0]["device"].split(":")[0]
+        table = markdown(records, 1 + max(r["round"] for r in records), records[0]["device"])
+        with open(os.path.join(out, f"{dev}.md"), "w") as f:
+            f.write(table)
+        print(table)
+        print("charts:", ", ".join(make_charts(records, out, dev)) or "none (pip install matplotlib)")
+        return 0
     out = a.out or (tempfile.mkdtemp(prefix="chunkjac-bench-") if a.quick else os.path.join(ROOT, "docs", "results"))
     os.makedirs(out, exist_ok=True)
     dev = a.device.split(":")[0]
@@ -222,7 +232,7 @@ def summary(records) -> dict:
     for key, recs in out.items():
         ok = [r for r in recs if r["status"] == "ok"]
         if not ok:
-            res[key] = {"status": recs[0]["status"]}
+            res[key] = {"status": recs[0]["status"], "samples": recs[0]["samples"], "workload": recs[0]["workload"]}
             continue
         res[key] = {"status": "ok", "seconds": statistics.median(r["seconds"] for r in ok),
                     "peak_mb": statistics.median(r["peak_mb"] for r in ok), "error": max(r["error"] for r in ok),
