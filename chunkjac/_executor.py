@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import sys
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -110,11 +111,12 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     already = sum(b - a for i, (a, b) in enumerate(units) if i in skip)
     # No bar object at all when none is shown: a training loop calls this every step.
     show = _show_progress(progress, plan) and (job is None or job.rank == 0)
+    if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
+        already = sum(b - a for i, (a, b) in enumerate(units) if i not in job.todo)
     bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True, desc="chunkjac",
                dynamic_ncols=True) if show else _NoBar()
-    if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
-        bar = _JobBar(bar, job, plan.batch_size - sum(b - a for i, (a, b) in enumerate(units)
-                                                      if i not in job.todo))
+    if job is not None:
+        bar = _JobBar(bar, job, already, plan.batch_size if show else None)
     backed_off = False
     # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running
     # statistics in training mode) are put back, however many chunks and passes the plan runs.
@@ -169,21 +171,29 @@ def _flat(jacs: list, plan: Plan) -> torch.Tensor:
 
 
 class _NoBar(contextlib.nullcontext):
+    n = 0
+
     def update(self, n: int) -> None:
-        pass
+        self.n += n
 
 
 class _JobBar(contextlib.nullcontext):
     """A sharded job's progress: every rank counts its samples in the job's store; rank 0's bar
-    shows the sum (with the samples done before this run)."""
+    shows the sum (with the samples done before this run) and, its own share done, follows the
+    others' until the batch is done or a rank fails."""
 
-    def __init__(self, bar, job, before: int):
+    def __init__(self, bar, job, before: int, follow_to: int | None):
         super().__init__()
-        self.bar, self.job, self.before = bar, job, before
-        self.bar.n = before
+        self.bar, self.job, self.before, self.follow_to = bar, job, before, follow_to
 
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    def __exit__(self, kind, *exc):
+        try:
+            while kind is None and self.follow_to is not None and self.bar.n < self.follow_to:
+                self.job.check()  # a failed rank: stop following (the caller reports it)
+                time.sleep(0.1)
+                self.update(0)
+        finally:
+            self.bar.__exit__(kind, *exc)
 
     def update(self, n: int) -> None:
         total = self.job.progress(n) + self.before

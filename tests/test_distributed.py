@@ -65,9 +65,9 @@ def setup(tmp_path_factory):
     return d, np.load(ref)
 
 
-def _dump(d, out, procs: int, env=None, extra=()):
+def _dump(d, out, procs: int, env=None, extra=(), quiet=True):
     cmd = ["-m", "chunkjac", "dump", f"{d}/model.py:make", f"{d}/x.npy", str(out), "--mode", "reverse",
-           "--chunk-size", str(CHUNK), "--quiet", *extra]
+           "--chunk-size", str(CHUNK), *(["--quiet"] if quiet else []), *extra]
     if procs > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *cmd]
     # One thread per process, as torchrun sets it: a single-process run the same, so that every chunk
@@ -94,9 +94,12 @@ def test_shares_are_contiguous_disjoint_balanced_and_cover():
 def test_torchrun_dump_equals_one_process_byte_for_byte(setup, tmp_path, procs):
     d, ref = setup
     out = tmp_path / "jac.npy"
-    r = _dump(d, out, procs)
+    r = _dump(d, out, procs, quiet=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.load(out).tobytes() == ref.tobytes()
+    bars = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("chunkjac:") and "|" in line]
+    assert bars and "200k/200k" in bars[-1]  # one bar, rank 0's, counting every rank's samples
+    assert all("/200k" in b for b in bars)
     m = _manifest_of(out)
     assert m["complete"] and len(m["done"]) == 14 and not list(tmp_path.glob("*.done-*"))
     assert r.stdout.count("wrote:") == 1  # rank 0 reports; the others are quiet
