@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, jacrev, vmap  # noqa: E402
 
 import chunkjac  # noqa: E402
 from _harness import interleaved_table  # noqa: E402
+from workloads import ConvNet  # noqa: E402  (the suite's conv net)
 
 try:
     from opacus import GradSampleModule  # noqa: E402
@@ -32,17 +33,6 @@ def recipe(model, x, chunk):
     params = {k: v.detach() for k, v in model.named_parameters()}
     one = lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)  # noqa: E731
     return vmap(jacrev(one), in_dims=(None, 0), chunk_size=chunk)(params, x)
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.fc = nn.Linear(32 * 8 * 8, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
 
 
 class Loss(nn.Module):

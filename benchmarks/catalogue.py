@@ -238,7 +238,6 @@ def run_case(rec: dict, call, f, x, part=None, cache=None) -> dict:
     """Fill rec: call() runs chunkjac.compute (with ``part``: chunkjac.hessian(part=part), see
     run_second); f(x) is the same function of the batched input alone."""
     import torch
-    import chunkjac
     if not isinstance(x, torch.Tensor):
         return dict(rec, cls="skipped", message=f"input is {type(x).__name__}, not a tensor")
     rec["in_shape"] = list(x.shape)
@@ -269,26 +268,7 @@ def run_case(rec: dict, call, f, x, part=None, cache=None) -> dict:
         return dict(rec, cls="skipped", message=f"too large for the reference ({y.numel()} x {x.numel()})")
 
     # chunkjac
-    t0 = time.perf_counter()
-    j, error = None, None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            torch.manual_seed(1)
-            j = call()
-        except Exception as e:  # noqa: BLE001 - every escape is classified
-            error = e
-    rec["seconds"] = round(time.perf_counter() - t0, 3)
-    rec["warned"] = any(issubclass(w.category, chunkjac.CouplingWarning) for w in caught)
-    rec["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught
-                              if str(w.message).startswith("chunkjac")})
-    chunkjac.probe_cache.clear()
-    if error is not None:
-        msg = str(error).strip()
-        rec.update(cls="refused" if msg.startswith("chunkjac:") else "raw_error",
-                   message=first_line(error), where=where(error))
-    elif not isinstance(j, torch.Tensor):
-        rec.update(cls="wrong", message=f"returned {type(j).__name__}, not a tensor")
+    j = run_chunkjac(rec, call)
 
     # the reference
     try:
@@ -417,25 +397,12 @@ def second_part(h, x, part: str, full=True):
     return d.reshape(*d.shape[:-1], *x.shape[1:]) if part == "diagonal" else d.sum(-1)
 
 
-def run_second(rec: dict, call, f, x, y, part: str, cache: dict) -> dict:
-    """rec for one part: chunkjac first, then the reference (computed once per case, in ``cache``).
-    The reference is reverse over reverse (reference2); where it fails, the same under the math
-    attention kernel, else forward over reverse or forward over forward per sample (rec["reference"]
-    says which); where all fail the case is skipped ("reference failed", or "unverified" when chunkjac
-    returned a result). NaN/inf differences are forgiven where chunkjac matches a forward-over-reverse
-    or forward-over-forward reference exactly, with a note."""
+def run_chunkjac(rec: dict, call):
+    """Run chunkjac's call once (seeded), recording its time and warnings in ``rec``, and classify an
+    escape (a chunkjac error: refused; anything else: raw_error) or a non-tensor result (wrong).
+    Returns the result, or None."""
     import torch
     import chunkjac
-    rec["part"] = part
-    b, n_out, n_in = x.shape[0], y[0].numel(), x[0].numel()
-    full = b * n_out * n_in * n_in <= MAX_REF2_ELEMENTS  # the reference keeps whole Hessian blocks
-    if (b * n_out > MAX_REF2_ROWS or b * n_out * n_in * b * n_in > MAX_REF2_WORK
-            or b * n_out * n_in > MAX_REF2_ELEMENTS):
-        return dict(rec, cls="skipped", message=f"too large for the second-order reference "
-                                                f"(B*out = {b * n_out}, D = {n_in}, B = {b})")
-    if part == "full" and not full:
-        return dict(rec, cls="skipped", message=f"too large for the second-order reference's full Hessians "
-                                                f"(B*out = {b * n_out}, D = {n_in})")
     t0 = time.perf_counter()
     j, error = None, None
     with warnings.catch_warnings(record=True) as caught:
@@ -456,6 +423,28 @@ def run_second(rec: dict, call, f, x, y, part: str, cache: dict) -> dict:
                    message=first_line(error), where=where(error))
     elif not isinstance(j, torch.Tensor):
         rec.update(cls="wrong", message=f"returned {type(j).__name__}, not a tensor")
+    return j
+
+
+def run_second(rec: dict, call, f, x, y, part: str, cache: dict) -> dict:
+    """rec for one part: chunkjac first, then the reference (computed once per case, in ``cache``).
+    The reference is reverse over reverse (reference2); where it fails, the same under the math
+    attention kernel, else forward over reverse or forward over forward per sample (rec["reference"]
+    says which); where all fail the case is skipped ("reference failed", or "unverified" when chunkjac
+    returned a result). NaN/inf differences are forgiven where chunkjac matches a forward-over-reverse
+    or forward-over-forward reference exactly, with a note."""
+    import torch
+    rec["part"] = part
+    b, n_out, n_in = x.shape[0], y[0].numel(), x[0].numel()
+    full = b * n_out * n_in * n_in <= MAX_REF2_ELEMENTS  # the reference keeps whole Hessian blocks
+    if (b * n_out > MAX_REF2_ROWS or b * n_out * n_in * b * n_in > MAX_REF2_WORK
+            or b * n_out * n_in > MAX_REF2_ELEMENTS):
+        return dict(rec, cls="skipped", message=f"too large for the second-order reference "
+                                                f"(B*out = {b * n_out}, D = {n_in}, B = {b})")
+    if part == "full" and not full:
+        return dict(rec, cls="skipped", message=f"too large for the second-order reference's full Hessians "
+                                                f"(B*out = {b * n_out}, D = {n_in})")
+    j = run_chunkjac(rec, call)
 
     if "ref" not in cache:
         if cache.get("say"):

@@ -180,7 +180,9 @@ def _second(n, device, part):
     return Workload(n, methods, ref)
 
 
-class _ConvNet(nn.Module):
+class ConvNet(nn.Module):
+    """A small conv net on 3x32x32 images (two conv layers and a linear one), 10 outputs."""
+
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
@@ -193,7 +195,7 @@ class _ConvNet(nn.Module):
 
 def _params(n, device):
     torch.manual_seed(0)
-    model = _ConvNet().to(device)
+    model = ConvNet().to(device)
     x = torch.randn(n, 3, 32, 32, device=device)
     params = {k: v.detach() for k, v in model.named_parameters()}
     one = lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)  # noqa: E731

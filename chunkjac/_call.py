@@ -14,14 +14,14 @@ import warnings
 import numpy as np
 import torch
 
-from . import _distributed
+from . import _distributed, _manifest
 from ._budget import parse_budget
 from ._check import check_forward_mode, check_second_order
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._function import FnError
 from ._detect import check as check_coupling, state_key, structure_key
 from ._dump import open_output
-from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, passes_through
+from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, first_line, passes_through
 from ._executor import execute
 from ._memory import free_bytes
 from ._plan import Plan, make_coupled_plan, make_plan
@@ -220,14 +220,10 @@ def _whole_batch(spec: Spec, e: FnError) -> Coupling | None:
     c = spec.coupling
     if c.bounds is not None and c.unit >= spec.batch_size:
         return None  # fn failed on the whole batch: its own error stands
-    why = f"fn runs only on the whole batch (on a part: {_first_line(e.__cause__ or e)})"
+    why = f"fn runs only on the whole batch (on a part: {first_line(e.__cause__ or e)})"
     if c.colours is None:
         return unsplittable(spec.batch_size, why)
     return dataclasses.replace(c, bounds=np.array([0, spec.batch_size]), reason=f"{c.reason}; {why}")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _frames(tb):
@@ -388,19 +384,28 @@ def _run(fn, inputs, wrt, output, in_dims, mode, coupling, create_graph, return_
                        device, chunk_size, max_seconds, given=plan, part=part, return_jacobian=return_jacobian,
                        flat=flat, to_memory=out is None)
     _check_unmodified(inputs, versions)
-    if p.too_long:
-        raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
+    _refuse_too_long(p)
     o = open_output(spec, p, out, resume)
     try:
-        if not o.complete and o.plan is not p:  # a resumed dump's own plan
-            mismatch = _forward_verdict(spec, o.plan)
-            if mismatch is not None:
-                raise mismatch
+        _check_resumed_plan(spec, o, p)
         result = execute(spec, o.plan, progress=progress, sink=o.sink, units=o.units, skip=o.skip)
     finally:
         o.sink.close()  # a failed dump must not keep its lock for as long as its traceback lives
     _check_unmodified(inputs, versions)
     return result
+
+
+def _refuse_too_long(p: Plan) -> None:
+    if p.too_long:
+        raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
+
+
+def _check_resumed_plan(spec: Spec, o, p: Plan) -> None:
+    """A resumed dump runs its own recorded plan: cross-check its forward mode as a new plan is."""
+    if not o.complete and o.plan is not p:
+        mismatch = _forward_verdict(spec, o.plan)
+        if mismatch is not None:
+            raise mismatch
 
 
 def _run_sharded(job: _distributed.Job, fn, inputs, wrt, output, in_dims, mode, coupling, create_graph,
@@ -422,8 +427,7 @@ def _run_sharded(job: _distributed.Job, fn, inputs, wrt, output, in_dims, mode, 
         if job.rank == 0:
             job.publish("plan", p)
             log.info("chunkjac: plan, shared by %d processes: %s", job.world, p)
-        if p.too_long:
-            raise TooLongError(f"chunkjac: refusing a run predicted to take too long.\nplan: {p}")
+        _refuse_too_long(p)
         if job.rank == 0:
             o = open_output(spec, p, out, resume, job)
             units = o.units or []
@@ -434,10 +438,7 @@ def _run_sharded(job: _distributed.Job, fn, inputs, wrt, output, in_dims, mode, 
             o = dataclasses.replace(o, units=units, skip=frozenset(done), complete=complete)
         job.todo = [i for i in range(len(units)) if i not in o.skip]
         mine = set(job.share(job.todo))
-        if not o.complete and o.plan is not p:  # a resumed dump's own plan
-            mismatch = _forward_verdict(spec, o.plan)
-            if mismatch is not None:
-                raise mismatch
+        _check_resumed_plan(spec, o, p)
         # (The executor's last act, sink.jacobians(), lists this rank's last chunks in its record.)
         execute(spec, o.plan, progress=progress, sink=o.sink, units=units,
                 skip=frozenset(i for i in range(len(units)) if i not in mine), job=job)
@@ -459,7 +460,6 @@ def _run_sharded(job: _distributed.Job, fn, inputs, wrt, output, in_dims, mode, 
 
 def _fold(o) -> None:
     """Rank 0, every rank done: the ranks' records into the manifest, marked complete."""
-    from . import _manifest
     m = _manifest.load(o.sink.path)
     m["complete"] = len(m["done"]) == len(m["chunks"])
     _manifest.save(o.sink.path, m)

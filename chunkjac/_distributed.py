@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ._errors import DistributedError
+from ._errors import DistributedError, first_line
 
 JOIN_SECONDS = 120.0    # how long rank 0 waits for every rank's dump call before dumping alone
 WAIT_SECONDS = 7 * 24 * 3600.0  # planning and the others' shares take as long as they take
@@ -89,7 +89,7 @@ class Job:
     # -- failures -------------------------------------------------------------------------------
     def fail(self, e: BaseException) -> None:
         """Tell the other ranks this one failed (the first failure is the one they report)."""
-        why = f"rank {self.rank}: {type(e).__name__}: {_first_line(e)}"
+        why = f"rank {self.rank}: {type(e).__name__}: {first_line(e, 300)}"
         try:
             self.store.compare_set(self._key("failed"), "", why)
             self.store.set(self._key(f"end/{self.rank}"), pickle.dumps(why))
@@ -110,7 +110,7 @@ class Job:
 
     def own_error(self, e: Exception) -> DistributedError:
         return DistributedError(f"chunkjac: rank {self.rank} of {self.world} failed in a sharded dump: "
-                                f"{type(e).__name__}: {_first_line(e)}")
+                                f"{type(e).__name__}: {first_line(e, 300)}")
 
     # -- the work -------------------------------------------------------------------------------
     def share(self, todo: list[int]) -> list[int]:
@@ -140,10 +140,6 @@ def shares(todo: list[int], world: int) -> list[list[int]]:
     """``todo`` cut into ``world`` contiguous runs whose lengths differ by at most one."""
     n = len(todo)
     return [todo[r * n // world:(r + 1) * n // world] for r in range(world)]
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _group():

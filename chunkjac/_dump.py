@@ -273,4 +273,4 @@ def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock, job
 def _sink(path: str, arrays: list, m: dict, batch_size: int, lock, job) -> NpySink:
     if job is None:
         return NpySink(path, arrays, m, batch_size, lock)
-    return ShardSink(path, arrays, m, batch_size, lock, f"{job.token}-{job.rank}", job)
+    return ShardSink(path, arrays, m, batch_size, lock, f"{job.token}-{job.rank}")

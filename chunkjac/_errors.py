@@ -26,6 +26,11 @@ def passes_through(e: BaseException) -> bool:
     return own or str(e).startswith("chunkjac:") or is_out_of_memory(e)
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line of text (its class name where it has none), cut at ``limit``."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def describe(v) -> str:
     """A value as error messages show it: a tensor by dtype and shape, a scalar by its repr."""
     if isinstance(v, torch.Tensor):

@@ -108,14 +108,14 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     todo = [(i, u) for i, u in enumerate(units) if i not in skip]
     loader = _Loader(spec)
     size = plan.chunk_size
-    already = sum(b - a for i, (a, b) in enumerate(units) if i in skip)
+    # Samples on disk before this run (a sharded job's skip also holds the other ranks' shares).
+    before = skip if job is None else frozenset(range(len(units))) - set(job.todo)
+    already = sum(b - a for i, (a, b) in enumerate(units) if i in before)
     # No bar object at all when none is shown: a training loop calls this every step.
     show = _show_progress(progress, plan) and (job is None or job.rank == 0)
-    if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
-        already = sum(b - a for i, (a, b) in enumerate(units) if i not in job.todo)
     bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True, desc="chunkjac",
                dynamic_ncols=True) if show else _NoBar()
-    if job is not None:
+    if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
         bar = _JobBar(bar, job, already, plan.batch_size if show else None)
     backed_off = False
     # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running

@@ -195,9 +195,9 @@ class ShardSink(NpySink):
     into its own record (see [Records of a shared dump] in _manifest); the manifest is rank 0's, at
     the end."""
 
-    def __init__(self, path: str, arrays: list, manifest: dict, batch_size: int, lock, token: str, job):
+    def __init__(self, path: str, arrays: list, manifest: dict, batch_size: int, lock, token: str):
         super().__init__(path, arrays, manifest, batch_size, lock)
-        self.token, self.job = token, job
+        self.token = token
         self.mine: set[int] = set()
         self.fds = [os.open(a.filename, os.O_WRONLY) for a in arrays]
         self.rows = [(a.offset, a.dtype.itemsize * int(a[0].size) if len(a) else 0) for a in arrays]
