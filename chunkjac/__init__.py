@@ -2,15 +2,16 @@
 
     J = chunkjac.compute(model, x, budget="20GB")     # (B, *out, *in), J[i] = dy_i/dx_i
 """
-from ._call import compute, hessian, laplacian, plan, probe_cache
-from ._errors import BudgetError, CouplingWarning, DistributedError, TooLongError
+from ._api import compute, hessian, laplacian, plan
+from ._call import probe_cache
+from ._errors import BudgetError, CouplingError, CouplingWarning, DistributedError, TooLongError
 from ._graph import jacobian_of
+from ._memo import ProbeCache
 from ._plan import Plan
-from ._probe import ProbeCache
 from ._version import __version__
 
-__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingWarning",
-           "DistributedError", "TooLongError",
+__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingError",
+           "CouplingWarning", "DistributedError", "TooLongError",
            "ProbeCache", "probe_cache", "__version__"]
 
 

@@ -16,6 +16,11 @@ FORMS = ('"20GB", "20 GB", "512MiB", "1.5GiB" (KB/MB/GB/TB decimal, KiB/MiB/GiB/
          'an int of bytes, "80%" of the free memory, or None for a safe default share of it')
 
 
+def check_budget(budget) -> None:
+    """Raises ValueError unless ``budget`` has one of the accepted forms (no free memory needed)."""
+    parse_budget(budget, 1 << 40)
+
+
 def parse_budget(budget, free_bytes: int) -> int:
     """Bytes allowed for ``budget`` on a device with ``free_bytes`` free. Raises ValueError otherwise."""
     if budget is None:

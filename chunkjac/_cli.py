@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         # inputs (a wrong width, a dtype it does not take): one paragraph too, unless asked.
         if os.environ.get("CHUNKJAC_TRACEBACK"):
             raise
+        notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", ()))
         text = str(e) if str(e).startswith("chunkjac:") else (
-            f"chunkjac: error: {type(e).__name__}: {e}\n(raised while running fn on the inputs; set "
+            f"chunkjac: error: {type(e).__name__}: {e}{notes}\n(raised while running fn on the inputs; set "
             "CHUNKJAC_TRACEBACK=1 for the traceback)")
         print(text, file=sys.stderr)
         return 2

@@ -50,39 +50,21 @@
 # Not seen: a coupling only between samples of which no window holds two (across the gaps between
 # windows), or below the tolerance, or that depends on plain Python attributes changed between calls.
 #
-# Caching. state_key: the verdict holds while fn's modules (train/eval flags), their tensors (same
-# objects, same in-place versions) and the inputs (same objects) stay the same: exact, but an
-# optimizer step (in-place updates bump _version) re-runs the check. structure_key: the verdict
-# holds while what decides the structure of the computation stays the same: fn's code (a function's
-# __code__, its scalar closure values and defaults, the functions it closes over; a module's class),
-# the modules fn reaches
-# (every submodule's class, training flag, forward/forward-pre/backward hook handles, an instance-
-# level forward; the global module hooks), the names, shapes, dtypes, devices and requires_grad of
-# their parameters and buffers (and of tensors fn holds), the inputs' shapes, dtypes, devices and
-# in_dims, the values of scalar inputs, and the integer/bool inputs themselves (indices, group ids,
-# lengths, masks are structure: same objects, same in-place versions). It assumes that parameter
-# values, buffer values and float input values do not decide which samples interact. Where they do
-# (a gate at exactly 0 that switches attention across the batch off until training moves it, a
-# branch on a float value, a hook swapped in place of another under the same handle), a verdict
-# under structure_key is stale; state_key sees those.
+# Caching: the verdict is remembered with the call's other decisions, under the guard described in
+# [What a remembered decision is keyed on] (_memo).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ._coupling import log2_ceil
 from ._errors import is_out_of_memory
-from ._function import FnError, call, chunk_args, preserved_buffers, reachable_state, select, version, working_dtypes
-from ._inputs import Source
+from ._function import FnError, call, chunk_args, preserved_buffers, reachable_state, select, working_dtypes
 from ._spec import Spec
 
 CHECK_SAMPLES = 64
@@ -144,10 +126,10 @@ def _whole(spec: Spec, e: FnError) -> Finding:
     (1 + log2 B VJPs); beyond, the user says how samples interact."""
     if spec.batch_size > WHOLE_MAX:
         raise FnError(
-            f"{e} -- The coupling check runs fn on windows of {CHECK_SAMPLES} samples. If fn can run only on "
+            f"{e.note} The coupling check runs fn on windows of {CHECK_SAMPLES} samples. If fn can run only on "
             "the whole batch (a graph layer whose shared edge_index names every node), pass coupling=<that "
             "edge_index> or group ids (chunkjac then runs the forward on the whole batch and extracts by "
-            "colours), or coupling='coupled' / 'unsplittable'.") from e.__cause__
+            "colours), or coupling='coupled' / 'unsplittable'.", str(e.__cause__)) from e.__cause__
     try:
         with preserved_buffers(spec.fn):
             return _check(spec, spec.batch_size)
@@ -207,111 +189,6 @@ def _refuse_meta(spec: Spec) -> None:
             f"chunkjac: {what} is on the meta device. Meta tensors hold no values (only shapes and dtypes), "
             "and a Jacobian needs real data. Materialise them first (e.g. model.to_empty(device='cpu') and "
             "load the weights; real inputs), or use chunkjac.plan on real tensors for a cost estimate.")
-
-
-def state_key(spec: Spec) -> tuple:
-    """What the check's answer may depend on besides shapes: the train/eval flags of every module fn
-    is or reaches (closures, globals, partials), the identity and in-place version of every tensor
-    among those modules' parameters and buffers and among the inputs. An optimizer step, model.train(),
-    new inputs or an in-place edit re-run the check; repeated calls on the same state do not."""
-    parts = []
-    for name, v in reachable_state(spec.fn):
-        if isinstance(v, nn.Module):
-            parts.append((name, tuple(m.training for m in v.modules()),
-                          tuple((id(t), version(t)) for t in v.state_dict(keep_vars=True).values())))
-        else:
-            parts.append((name, id(v), version(v)))
-    for a in spec.args:
-        if isinstance(a, torch.Tensor):
-            parts.append((id(a), version(a)))
-        elif isinstance(a, Source):
-            parts.append(id(a))
-        elif not isinstance(a, (bool, int, float, str, type(None))):
-            parts.append(id(a))
-    return tuple(parts)
-
-
-def structure_key(spec: Spec) -> tuple:
-    """What decides which samples interact, under the assumption (see the NOTE) that parameter values
-    and float input values do not: fn's code, its modules' classes, train/eval flags, hooks and the
-    names, shapes, dtypes, devices of their tensors; the inputs' shapes, dtypes, devices, in_dims,
-    and the values of integer/bool and scalar inputs. An optimizer step leaves it unchanged."""
-    parts = [_code_key(spec.fn), spec.in_dims,
-             tuple(tuple(d) for d in (_module._global_forward_hooks, _module._global_forward_pre_hooks,
-                                      _module._global_backward_hooks, _module._global_backward_pre_hooks))]
-    for name, v in reachable_state(spec.fn):
-        if isinstance(v, nn.Module):
-            mods = tuple((k, type(mod), mod.training, tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks),
-                          tuple(mod._backward_hooks), tuple(getattr(mod, "_backward_pre_hooks", ())),
-                          _code_key(mod.__dict__["forward"]) if "forward" in mod.__dict__ else None)
-                         for k, mod in v.named_modules(remove_duplicate=False))
-            tensors = tuple((k, tuple(t.shape), t.dtype, str(t.device), t.requires_grad)
-                            for k, t in [*v.named_parameters(remove_duplicate=False),
-                                         *v.named_buffers(remove_duplicate=False)])
-            parts.append((name, mods, tensors))
-        else:
-            parts.append((name, tuple(v.shape), v.dtype, str(v.device), v.requires_grad))
-    for a in spec.args:
-        if isinstance(a, (torch.Tensor, Source)):
-            layout = (tuple(a.shape), a.dtype, str(a.device))
-            # Integer and bool inputs are indices, group ids, lengths, masks: their values are structure.
-            exact = () if a.dtype.is_floating_point else (
-                (_Same(a), version(a)) if isinstance(a, torch.Tensor) else (_Same(a),))
-            parts.append(layout + exact)
-        elif isinstance(a, (bool, int, float, str, type(None))):
-            parts.append(("value", type(a), a))
-        else:
-            parts.append(("object", _Same(a)))
-    return tuple(parts)
-
-
-class _Same:
-    """A key part equal only for the same live object: an id alone can be reused by a new tensor once
-    the old one is freed (the next batch's labels at the address of the last batch's)."""
-
-    __slots__ = ("ref", "ident")
-
-    def __init__(self, obj):
-        self.ident = id(obj)
-        try:
-            self.ref = weakref.ref(obj)
-        except TypeError:  # not weakly referenceable (an int subclass, a tuple): the id, for as long as it lives
-            self.ref = lambda obj=obj: obj
-
-    def __hash__(self) -> int:
-        return self.ident
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Same) and self.ref() is not None and self.ref() is other.ref()
-
-
-def _code_key(fn, depth: int = 2) -> tuple:
-    """fn's code: a function's __code__ with its scalar closure values and defaults (and the code of
-    the functions it closes over, to ``depth``), a bound method's function's, a partial's function's
-    and scalar arguments, a module's or callable object's class. Tensors and modules: structure_key."""
-    if isinstance(fn, functools.partial):
-        scalars = tuple(v for v in (*fn.args, *fn.keywords.values()) if isinstance(v, (bool, int, float, str)))
-        return ("partial", _code_key(fn.func, depth), tuple(fn.keywords), scalars)
-    if inspect.ismethod(fn):
-        return ("method", type(fn.__self__), _code_key(fn.__func__, depth))
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return ("object", type(fn))
-
-    def part(v):
-        if isinstance(v, (bool, int, float, str, type(None))) or inspect.isbuiltin(v):  # torch.softmax
-            return v
-        if depth > 0 and (inspect.isfunction(v) or inspect.ismethod(v) or isinstance(v, functools.partial)):
-            return _code_key(v, depth - 1)
-        return type(v)
-
-    cells = []
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            cells.append(part(cell.cell_contents))
-        except ValueError:  # an empty cell
-            pass
-    return ("function", code, tuple(cells), tuple(part(v) for v in getattr(fn, "__defaults__", None) or ()))
 
 
 def _tol(dtype: torch.dtype, floor: float, wide: bool) -> float:

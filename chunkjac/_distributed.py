@@ -89,7 +89,7 @@ class Job:
     # -- failures -------------------------------------------------------------------------------
     def fail(self, e: BaseException) -> None:
         """Tell the other ranks this one failed (the first failure is the one they report)."""
-        why = f"rank {self.rank}: {type(e).__name__}: {first_line(e, 300)}"
+        why = f"rank {self.rank}: {_said(e)}"
         try:
             self.store.compare_set(self._key("failed"), "", why)
             self.store.set(self._key(f"end/{self.rank}"), pickle.dumps(why))
@@ -109,8 +109,7 @@ class Job:
             "same command again (with any number of processes): it resumes.")
 
     def own_error(self, e: Exception) -> DistributedError:
-        return DistributedError(f"chunkjac: rank {self.rank} of {self.world} failed in a sharded dump: "
-                                f"{type(e).__name__}: {first_line(e, 300)}")
+        return DistributedError(f"chunkjac: rank {self.rank} of {self.world} failed in a sharded dump: {_said(e)}")
 
     # -- the work -------------------------------------------------------------------------------
     def share(self, todo: list[int]) -> list[int]:
@@ -230,6 +229,14 @@ def launch_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _said(e: BaseException) -> str:
+    """An error in one line: fn's own (chunkjac's context, then fn's exception) or any other."""
+    cause = e.__cause__
+    if type(e).__name__ == "FnError" and cause is not None:  # see _function.FnError
+        return f"{first_line(e, 300)} {type(cause).__name__}: {first_line(cause, 300)}"
+    return f"{type(e).__name__}: {first_line(e, 300)}"
 
 
 def device_for(job: Job, device):

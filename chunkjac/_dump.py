@@ -18,7 +18,7 @@ from ._budget import format_bytes
 from ._errors import BudgetError, describe
 from ._memory import free_bytes
 from ._plan import Plan
-from ._sinks import MemorySink, NpySink, ShardSink, TensorSink
+from ._sinks import NpySink, ShardSink, TensorSink
 from ._spec import Spec
 
 log = logging.getLogger("chunkjac")
@@ -57,40 +57,20 @@ def check_fits_in_memory(spec: Spec, plan: Plan) -> None:
 def open_output(spec: Spec, plan: Plan, out, resume: bool, job=None) -> Output:
     """Where the run's results go. ``job``: a sharded dump's (see [Sharded dumps] in _distributed):
     rank 0 creates or resumes the files, the others open what rank 0 made."""
-    if out is None:
+    if out is None:  # new memory: the executor makes it (see execute: one chunk needs no sink)
         check_fits_in_memory(spec, plan)
-        return Output(MemorySink(spec.batch_size, differentiable=spec.create_graph,
-                                 keep_outputs=spec.return_outputs, device=spec.home), plan)
-    if spec.create_graph:
-        raise ValueError("chunkjac: out= cannot hold Jacobians on the autograd graph; leave out=None with "
-                         "create_graph=True.")
-    if spec.flat:
-        raise ValueError("chunkjac: flat=True with out=: dump the dict instead (out='folder/' writes one .npy per "
-                         "parameter) and concatenate afterwards, or leave out=None.")
-    if isinstance(out, (str, os.PathLike)):
-        path = os.fspath(out)
+        return Output(None, plan)
+    if isinstance(out, str):  # checked by _request: a .npy path, or a folder for a dict result
         if spec.keys is not None:
-            return _open_folder(spec, plan, path, resume, job)
-        return _open_npy(spec, plan, path, resume, job)
-    if isinstance(out, dict) and spec.keys is not None:
-        if set(out) != set(spec.keys):
-            raise ValueError(f"chunkjac: out is a dict with keys {sorted(map(str, out))}, but the result's keys are "
-                             f"{list(spec.keys)}; give one preallocated tensor per key.")
-        out = tuple(out[k] for k in spec.keys)
-    outs = [out] if spec.single else out
-    if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs) \
-            or len(outs) != spec.results:
-        want = "a tensor" if spec.single else (f"a tuple of {spec.results} tensors (one per wrt)" if spec.part is None
-                                               else "a tuple of 2 tensors (the second derivatives, the Jacobian)")
-        raise TypeError(f"chunkjac: out must be {want} or a path to a .npy file, got {describe(out)}.")
+            return _open_folder(spec, plan, out, resume, job)
+        return _open_npy(spec, plan, out, resume, job)
+    outs = tuple(out[k] for k in spec.keys) if isinstance(out, dict) else (out,) if spec.single else tuple(out)
     for k, (o, shape) in enumerate(zip(outs, result_shapes(spec, plan))):
         name = "out" if spec.single else f"out[{k}]"
         if tuple(o.shape) != shape or o.dtype != plan.dtype:
             raise ValueError(
                 f"chunkjac: {name} is {describe(o)}, but the result is {plan.dtype} of shape {shape}; allocate "
                 f"it as torch.empty({shape}, dtype={plan.dtype}).")
-        if o.requires_grad:
-            raise ValueError(f"chunkjac: {name} requires grad; out= takes plain tensors (use .detach()).")
     sink = TensorSink(list(outs), spec.batch_size, keep_outputs=spec.return_outputs, device=spec.home)
     return Output(sink, plan)
 
@@ -105,37 +85,12 @@ def _numpy_dtype(dtype: torch.dtype):
 
 
 def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool, job=None) -> Output:
-    if not path.endswith(".npy"):
-        raise ValueError(f"chunkjac: out={path!r} is a path but not to a .npy file; end it with .npy.")
-    if not spec.single:
-        raise ValueError("chunkjac: out='….npy' holds one result; with several wrt (or return_jacobian=True), dump "
-                         "each to its own file (one call each), or pass out=<a tuple of tensors>.")
-    if spec.return_outputs:
-        raise ValueError("chunkjac: return_outputs=True with out='….npy': the outputs are not stored in the file, "
-                         "and a resumed dump does not recompute them. Compute them separately.")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"chunkjac: cannot write {path}: the directory {folder} does not exist.")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"chunkjac: cannot write {path}: the directory {folder} is not writable.")
     (shape,) = result_shapes(spec, plan)
     return _open_files(spec, plan, path, [(path, shape)], resume, job)
 
 
 def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool, job=None) -> Output:
     """out='folder/' for a dict result: folder/<key>.npy per key, one manifest (folder/jacobians.chunkjac.json)."""
-    if spec.return_outputs:
-        raise ValueError("chunkjac: return_outputs=True with a dump: the outputs are not stored in the files, "
-                         "and a resumed dump does not recompute them. Compute them separately.")
-    if folder.endswith(".npy"):
-        raise ValueError(f"chunkjac: out={folder!r} names a .npy file, but the result is a dict (one array per "
-                         "parameter): pass a folder (out='jacobians/'), which gets one .npy per key and a manifest.")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"chunkjac: out={folder!r} is a file; a dict result (one array per parameter) is dumped "
-                         "into a folder: pass a folder path (it is created if missing).")
-    parent = os.path.dirname(os.path.abspath(folder.rstrip("/\\")))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"chunkjac: cannot create {folder}: the directory {parent} does not exist.")
     if job is None or job.rank == 0:
         os.makedirs(folder, exist_ok=True)
     if not os.access(folder, os.W_OK):
@@ -218,22 +173,52 @@ def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, d
     return _create(spec, plan, path, files, dtype, fp, lock, job)
 
 
+class _Lock:
+    """An exclusive lock on a dump: ``path + ".chunkjac.lock"``, flock'ed, removed when released (a
+    finished or refused dump leaves no lock file behind). Taking it checks that the file locked is
+    still the one at the path: a process that opened it just before the holder removed it must not
+    hold a lock that nobody else sees."""
+
+    def __init__(self, path: str):
+        import fcntl
+        self.path = path + ".chunkjac.lock"
+        for _ in range(8):
+            f = open(self.path, "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise BlockingIOError(
+                    f"chunkjac: another process is writing {path} (it holds {self.path}); wait for it to finish "
+                    "or stop it, then run again to resume.") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.file = f
+                return
+            f.close()  # the holder removed it as we opened it: lock the new one
+        raise BlockingIOError(f"chunkjac: cannot take the lock {self.path}: other processes keep replacing it.")
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                os.unlink(self.path)  # before unlocking: nobody can take a lock on a removed file unseen
+            except FileNotFoundError:
+                pass
+            self.file.close()
+            self.file = None
+
+
 def _lock(path: str):
     """An exclusive lock on the dump (released when the process ends, however it ends): two
     processes filling one file would each list chunks the other may be overwriting."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # not POSIX: no lock
         return None
-    f = open(path + ".chunkjac.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise BlockingIOError(
-            f"chunkjac: another process is writing {path} (it holds {path}.chunkjac.lock); wait for it to finish "
-            "or stop it, then run again to resume.") from None
-    return f
+    return _Lock(path)
 
 
 def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock, job=None) -> Output:

@@ -1,5 +1,27 @@
-"""The exceptions chunkjac raises besides ValueError/TypeError (exported from chunkjac)."""
+"""The exceptions chunkjac raises besides ValueError/TypeError (exported from chunkjac), and how its
+warnings reach the user's line."""
+import os
+import sys
+import warnings
+
 import torch
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function point at the
+    first frame outside chunkjac: the user's call, however deep inside chunkjac it was issued."""
+    level, f = 1, sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_PACKAGE):
+        f = f.f_back
+        level += 1
+    return level
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """warnings.warn, pointing at the user's line (see user_stacklevel)."""
+    warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 class BudgetError(MemoryError):
@@ -52,6 +74,12 @@ class ForwardModeMismatch(ValueError):
 class CouplingWarning(UserWarning):
     """coupling="auto" found that samples interact and chose a coupled strategy; the message says why
     and how to silence it (name the coupling explicitly)."""
+
+
+class CouplingError(ValueError):
+    """A declared coupling (group ids, a graph) misses interactions between samples: the check found
+    two samples that the declaration keeps apart influencing each other; the message says which and
+    what to pass instead (``check_coupling=False`` trusts the declaration)."""
 
 
 class DistributedError(RuntimeError):

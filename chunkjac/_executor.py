@@ -3,7 +3,6 @@
 It streams batched inputs to the compute device (on CUDA, the next chunk's copy overlaps the current
 chunk's compute on a side stream), shows progress, and backs off on out-of-memory errors: free what
 it can, halve the chunk, retry the same samples, keep the smaller size for the rest of the run.
-fn's buffers (BatchNorm running statistics) are left as they were before the call.
 """
 from __future__ import annotations
 
@@ -12,19 +11,18 @@ import dataclasses
 import gc
 import sys
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
 from ._budget import format_bytes
-from ._errors import BudgetError, is_out_of_memory
+from ._errors import BudgetError, is_out_of_memory, warn
 from ._function import chunk_args
+from torch.utils._pytree import tree_map
 from ._inputs import Source
 from ._plan import Plan
-from ._function import preserved_buffers
-from ._sinks import MemorySink
+from ._sinks import MemorySink, _own_memory
 from ._spec import Spec
 from ._strategies import STRATEGIES
 
@@ -101,6 +99,23 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     disk (or, in a sharded dump ``job``, another rank's share: see [Sharded dumps] in _distributed).
     Without units the whole batch is one unit. Returns what compute returns."""
     strategy = STRATEGIES[plan.strategy]
+    if sink is None and units is None and plan.chunk_at(0)[1] >= plan.batch_size and \
+            not _show_progress(progress, plan):
+        # One chunk into memory (a training loop's every step): the strategy's tensors are the result,
+        # with none of the streaming machinery around them.
+        try:
+            jacs, outputs = strategy(spec, plan, chunk_args(spec, 0, plan.batch_size), plan.batch_size,
+                                     plan.colours_at(0, plan.batch_size))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            gc.collect()  # smaller chunks, below
+        else:
+            home = spec.home
+            jacs = [_own_memory(j if j.device == home else j.to(home)) for j in jacs]
+            if spec.return_outputs:
+                outputs = tree_map(lambda v: v.to(home) if isinstance(v, torch.Tensor) else v, outputs)
+            return _result(spec, plan, jacs, outputs)
     if sink is None:
         sink = MemorySink(plan.batch_size, differentiable=spec.create_graph, keep_outputs=spec.return_outputs,
                           device=spec.home)
@@ -118,10 +133,10 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
         bar = _JobBar(bar, job, already, plan.batch_size if show else None)
     backed_off = False
-    # A Jacobian is not a training step: buffers that fn updates in place (BatchNorm running
-    # statistics in training mode) are put back, however many chunks and passes the plan runs.
+    # (A Jacobian is not a training step: buffers that fn updates in place, BatchNorm's running
+    # statistics in training mode, are put back by the caller: _function.as_it_was.)
     try:
-        with bar, preserved_buffers(spec.fn):
+        with bar:
             for k, (unit, (u0, u1)) in enumerate(todo):
                 start = u0
                 while start < u1:
@@ -151,17 +166,20 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     finally:
         loader.close()
     if backed_off:
-        warnings.warn(f"chunkjac: ran out of memory on {spec.device} with the planned chunks of "
-                      f"{plan.chunk_size:,} samples; finished with chunks of {size:,}.", RuntimeWarning,
-                      stacklevel=3)
-    jacs = sink.jacobians()
+        warn(f"chunkjac: ran out of memory on {spec.device} with the planned chunks of {plan.chunk_size:,} "
+             f"samples; finished with chunks of {size:,}.", RuntimeWarning)
+    return _result(spec, plan, sink.jacobians(), sink.outputs() if spec.return_outputs else None)
+
+
+def _result(spec: Spec, plan: Plan, jacs: list, outputs):
+    """What compute returns, from the result tensors (and fn's outputs)."""
     result = jacs[0] if spec.single else tuple(jacs)
     if spec.keys is not None:  # wrt="params" or a list: a dict, or one (B, *out, P) tensor
         result = _flat(jacs, plan) if spec.flat else dict(zip(spec.keys, jacs))
     if not spec.return_outputs:
         return result
     # Second derivatives come back flat: (H, outputs) or (H, J, outputs), as a PINN loss reads them.
-    return (*jacs, sink.outputs()) if spec.part is not None else (result, sink.outputs())
+    return (*jacs, outputs) if spec.part is not None else (result, outputs)
 
 
 def _flat(jacs: list, plan: Plan) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._errors import passes_through
+from ._errors import is_out_of_memory
 from ._inputs import Source
 from ._spec import Spec, _FLOATS, _describe
 
@@ -21,10 +21,11 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
     """The positional arguments for samples [start, stop) on the compute device: batched inputs
     narrowed (and copied there if they live elsewhere; pinned, non-blocking on CUDA), others as given."""
     out = []
+    whole = start == 0 and stop == spec.batch_size
     for a, d in zip(spec.args, spec.in_dims):
         if isinstance(a, Source):
             a = a.read(start, stop)  # a fresh CPU tensor
-        elif d is not None:
+        elif d is not None and not whole:
             a = a.narrow(d, start, stop - start)
         if d is not None:
             if a.is_inference():  # made under inference_mode: autograd cannot record on it
@@ -40,36 +41,41 @@ def chunk_args(spec: Spec, start: int, stop: int) -> list:
 
 
 class FnError(RuntimeError):
-    """fn itself failed on a chunk of the user's inputs; the message says on what, the cause is chained."""
+    """fn itself failed on a chunk of the user's inputs: chunkjac's context (on what) and fn's error in
+    the message, fn's exception chained. Private: the public functions raise fn's exception itself,
+    with ``note`` (the context alone) added to it (see _api._users_error)."""
+
+    def __init__(self, note: str, why: str = ""):
+        super().__init__(f"{note} fn's error: {why}" if why else note)
+        self.note = note
 
 
 def call(spec: Spec, args: list, params: dict[str, torch.Tensor] | None = None) -> Any:
     """fn(*args), with module parameters/buffers replaced by ``params`` (torch.func.functional_call).
 
-    A Python or PyTorch exception from fn becomes an :class:`FnError` that names the chunk it ran on.
-    Passed through: chunkjac's own errors, out-of-memory errors (the executor backs off on them), and
-    exceptions of the user's own classes, which the user's code may be waiting to catch."""
+    An exception from fn becomes an :class:`FnError` that names the chunk it ran on. Passed through:
+    chunkjac's own errors (a chunkjac call inside fn) and out-of-memory errors (the executor backs
+    off on them)."""
     try:
         return _call(spec, args, params)
     except Exception as e:
-        if passes_through(e):
+        if type(e).__module__.startswith("chunkjac") or str(e).startswith("chunkjac:") or is_out_of_memory(e):
             raise
-        raise FnError(_failure(spec, args, e)) from e
+        raise FnError(_failure(spec, args, e), str(e).strip() or type(e).__name__) from e
 
 
 def _failure(spec: Spec, args: list, e: Exception) -> str:
-    why = str(e).strip() or type(e).__name__
     n = next((a.shape[d] for a, d in zip(args, spec.in_dims) if d is not None and isinstance(a, torch.Tensor)), None)
     part = f"a chunk of {n:,} of the {spec.batch_size:,} samples" if n is not None and n != spec.batch_size \
         else f"all {spec.batch_size:,} samples"
     shapes = "; ".join(f"input {i}: {_describe(a)}" for i, (a, d) in enumerate(zip(args, spec.in_dims))
                        if isinstance(a, torch.Tensor))
     text = (f"chunkjac: fn raised {type(e).__name__} on {part} ({shapes}); chunkjac calls fn on chunks of the "
-            f"inputs you passed, along their in_dims={spec.in_dims}. fn's error: {why}")
+            f"inputs you passed, along their in_dims={spec.in_dims}.")
     floats = {a.dtype for a in spec.args if isinstance(a, (torch.Tensor, Source)) and a.dtype.is_floating_point}
     params = {t.dtype for _, v in reachable_state(spec.fn) if isinstance(v, nn.Module) for t in v.parameters()
               if t.is_floating_point()}
-    if "dtype" in why and floats and params and floats != params:
+    if "dtype" in str(e) and floats and params and floats != params:
         have, want = "/".join(sorted(str(d) for d in floats)), "/".join(sorted(str(d) for d in params))
         text += (f"\nThe inputs are {have} but fn's parameters are {want} (numpy arrays are float64): convert "
                  f"one to the other, e.g. x.to({want.split('/')[0]}) or model.to({have.split('/')[0]}).")
@@ -234,10 +240,77 @@ def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:
     return {name: b.clone() for name, b in fn.named_buffers()}
 
 
-def reached_modules(spec: Spec) -> list[nn.Module]:
-    """Every module fn is or reaches, submodules included, each once."""
-    return list({id(s): s for _, m in reachable_state(spec.fn) if isinstance(m, nn.Module)
+def reached_modules(fn) -> list[nn.Module]:
+    """Every module fn (a Spec's fn, or the Spec) is or reaches, submodules included, each once."""
+    fn = getattr(fn, "fn", fn) if isinstance(fn, Spec) else fn
+    return list({id(s): s for _, m in reachable_state(fn) if isinstance(m, nn.Module)
                  for s in m.modules()}.values())
+
+
+@contextlib.contextmanager
+def as_it_was(modules: list[nn.Module]):
+    """fn's modules as they were before the call. Always: the values of their buffers (a Jacobian is
+    not a training step: running statistics updated by chunkjac's forwards are put back). When the
+    call fails (a refusal included), also everything else chunkjac's passes may have left: the
+    attributes forwards and hooks add or change (Opacus's ``activations`` and ``grad_sample``), the
+    contents of list attributes, the tensors' ``.grad`` and attributes, the parameter, buffer and
+    submodule tables. (A call that succeeds leaves what fn's own code records, a call counter say.)
+    Only what changed is written back: a buffer write moves the version counter, which the caches
+    key on (batch_norm updates running statistics without moving it, so values are compared too)."""
+    saved, tensors, buffers, seen = [], [], [], set()
+    for m in modules:
+        d = m.__dict__
+        saved.append((d, d.copy(), [(v, v.copy()) for v in d.values() if type(v) is list],
+                      m._parameters, m._parameters.copy(), m._buffers, m._buffers.copy(), m._modules,
+                      m._modules.copy()))
+        for t in m._parameters.values():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                tensors.append((t, t.grad, t.__dict__.copy()))
+        for t in m._buffers.values():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                tensors.append((t, t.grad, t.__dict__.copy()))
+                buffers.append((t, t.detach().clone(), version(t)))
+    try:
+        yield
+    except BaseException:
+        for d, d0, lists, p, p0, b, b0, s, s0 in saved:
+            _restore(d, d0)
+            _restore(p, p0)
+            _restore(b, b0)
+            _restore(s, s0)
+            for v, items in lists:
+                _restore(v, items)
+        for t, grad, attrs in tensors:
+            if t.grad is not grad:
+                t.grad = grad
+            _restore(t.__dict__, attrs)
+        raise
+    finally:
+        if buffers:
+            with torch.no_grad():
+                for b, v, before in buffers:
+                    if version(b) != before or not torch.equal(b, v):
+                        b.copy_(v)
+
+
+def _restore(d, saved) -> None:
+    """The dict or list ``d`` as ``saved``, its copy: compared by identity first (the C-level
+    comparison's shortcut for the same objects: a call changes nothing, usually), values may be
+    tensors, whose == does not say True or False."""
+    try:
+        if d == saved:
+            return
+    except (RuntimeError, TypeError, ValueError):  # a tensor's ==, or an object's own __eq__, raising
+        pass
+    if isinstance(d, dict):
+        if len(d) == len(saved) and all(saved.get(k, d) is v for k, v in d.items()):
+            return
+        d.clear()
+        d.update(saved)
+    elif len(d) != len(saved) or any(a is not b for a, b in zip(d, saved)):
+        d[:] = saved
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ._budget import format_bytes, parse_budget
 from ._coupling import Coupling, coupled, from_argument, independent, log2_ceil
 from ._detect import RTOL
-from ._errors import BudgetError, TooLongError, describe
+from ._errors import BudgetError, CouplingWarning, TooLongError, describe, warn
 from ._memory import free_bytes, measure_peak
 from ._probe import best_seconds
 from ._plan import KMAX, VECTORISE_GAIN, _format_seconds, margin
@@ -101,9 +101,7 @@ def _check_args(y, xs) -> torch.Tensor:
 def _check_graph(y: torch.Tensor, xs) -> Coupling:
     """The derivative check of _detect on the whole batch: a random cotangent u, and u restricted to
     the samples with bit b of their index set; their gradients must stay on their own samples."""
-    import warnings
 
-    from ._errors import CouplingWarning
     b = y.shape[0]
     if b < 2:
         return independent(b)
@@ -131,10 +129,9 @@ def _check_graph(y: torch.Tensor, xs) -> Coupling:
                 if worst > tol:
                     reason = (f"the inputs of one sample change the outputs of another (relative size "
                               f"{worst / scale:.2g}, found by VJPs with random cotangents on the graph)")
-                    warnings.warn(CouplingWarning(
-                        f"chunkjac: samples interact: {reason}. Computing exact per-sample blocks as coupled "
-                        f"samples ({b:,} colours). Pass coupling=<group ids> or a dependency structure if only "
-                        "some samples interact (faster); coupling='coupled' silences this."), stacklevel=3)
+                    warn(f"chunkjac: samples interact: {reason}. Computing exact per-sample blocks as coupled "
+                         f"samples ({b:,} colours). Pass coupling=<group ids> or a dependency structure if only "
+                         "some samples interact (faster); coupling='coupled' silences this.", CouplingWarning)
                     return coupled(b, reason)
     return independent(b)
 

@@ -36,7 +36,8 @@ from ._budget import format_bytes
 from ._coupling import Coupling, describe
 from ._errors import BudgetError, RandomFunctionError, is_out_of_memory
 from ._function import preserved_buffers
-from ._probe import Measurement, Probe, ProbeCache, measure_memory, measure_time, probe
+from ._memo import ProbeCache
+from ._probe import Measurement, Probe, measure_memory, measure_time, probe
 from ._spec import Spec
 
 JVP_COST = 2.0
@@ -91,6 +92,7 @@ class Plan:
     extrapolated: bool = False     # seconds/peak extrapolated from smaller coupled sets
     part: str | None = None        # second derivatives ("full", "diagonal", "laplacian"); None: Jacobians
     result_bytes: int = 0          # of peak_bytes, the result itself, outside the budget (see _adopted)
+    wrt: tuple[str, ...] = ()      # what it differentiates ("input 0", "parameter 'fc.weight'"): plan= checks it
 
     @property
     def too_long(self) -> bool:
@@ -326,6 +328,15 @@ def result_numel(spec: Spec, p: Probe) -> int:
     return sum(math.prod(s[1:]) for s in spec.result_shapes(p.out_shape))
 
 
+def _keyed(cache: ProbeCache | None, spec: Spec, *extra) -> tuple[ProbeCache, tuple]:
+    """The cache to use and the key prefix of this spec's entries; without a cache, or for fn that
+    cannot be guarded (see _memo), a cache that keeps nothing."""
+    key = None if cache is None else cache.key(spec, *extra)
+    if key is None:
+        return ProbeCache(size=0), ()
+    return cache, key
+
+
 def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: int | None = None,
               cache: ProbeCache | None = None) -> Plan:
     """Measure the candidates on small chunks and pick the fastest whose chunk fits ``budget_bytes``.
@@ -333,8 +344,7 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
     ``chunk_size`` overrides the chunk (the plan still reports its predicted peak). Raises
     :class:`BudgetError` when the budget cannot hold one sample of any candidate.
     """
-    cache = cache if cache is not None else ProbeCache(size=0)
-    key = cache.key(spec, str(device))
+    cache, key = _keyed(cache, spec, str(device))
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec))
     plans, fallbacks = candidates(spec, p, device)
     result_bytes = result_numel(spec, p) * p.dtype.itemsize
@@ -489,9 +499,8 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
                       max_seconds: float | None = None) -> Plan:
     """Plan a run over coupled chunks (see [Planning coupled chunks]); ``coupling`` is not independent."""
     from ._probe import measure_step
-    cache = cache if cache is not None else ProbeCache(size=0)
-    key = cache.key(spec, str(device), "coupled", coupling.kind, coupling.batch_size, coupling.unit,
-                    coupling.num_colours, spec.part, spec.return_jacobian)
+    cache, key = _keyed(cache, spec, str(device), "coupled", coupling.kind, coupling.batch_size, coupling.unit,
+                        coupling.num_colours, spec.part, spec.return_jacobian)
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec, coupling))
     n_out = p.out_numel
     batched_in = sum(t.numel for t in spec.targets if t.batched)

@@ -4,28 +4,21 @@
 dim early and cheaply), and the bytes autograd saves for backward per sample, fitted on two sizes so
 that what does not grow with the batch (weights saved by matmuls) drops out. ``measure`` runs a
 candidate plan's strategy on small chunks and fits peak memory and time as ``a + b * n``.
-Both are cached in a :class:`ProbeCache` so that a second call does not probe again.
+Both are cached in ``probe_cache`` (see _memo) so that a second call does not probe again.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import threading
 import time
-import types
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ._errors import is_out_of_memory
 from ._function import call, chunk_args, preserved_buffers, select
 from ._memory import measure_peak
-from ._inputs import Source
 from ._spec import Spec
 
 PROBE_SIZES = (2, 10)  # at least two: BatchNorm in training mode refuses a single sample
@@ -225,117 +218,6 @@ def measure_time(spec: Spec, plan, m: Measurement, largest: int) -> Measurement:
         points = [(max(1, n // 4), seconds(max(1, n // 4))), (n, t)] if n > 1 else [(n, t)]
     c, d = _fit(points)
     return dataclasses.replace(m, sec_const=c, sec_per_sample=d)
-
-
-def _owner(fn):
-    """What identifies fn across calls: a bound method's object (``m.forward`` is new at each access)."""
-    return fn.__self__ if inspect.ismethod(fn) else fn
-
-
-def _anchors(fn) -> list:
-    """The objects whose identities are fn's identity for the cache.
-
-    A module, a bound method's object, any other callable: itself. A plain function is often made
-    anew at each call (``compute(lambda x, C: routine(C, x), ...)`` inside a loop) with the same
-    behaviour: its code object, the contents of its closure cells and defaults, and the globals its
-    code names, so that a lambda written at one place in the user's code hits the cache again, while
-    another closure value, or a global rebound, does not.
-    """
-    if not isinstance(fn, types.FunctionType):
-        return [_owner(fn)]
-    anchors = [fn.__code__]
-    for cell in fn.__closure__ or ():
-        try:
-            anchors.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            anchors.append(None)
-    anchors += list(fn.__defaults__ or ())
-    g = fn.__globals__
-    anchors += [g[name] for name in fn.__code__.co_names if name in g]
-    return anchors
-
-
-def _identity(fn) -> tuple:
-    if inspect.ismethod(fn):
-        return (id(fn.__self__), fn.__func__.__qualname__)
-    return tuple(id(a) for a in _anchors(fn))
-
-
-def _ref(obj):
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # builtins (torch.sin), ints, tuples: held (small, or alive anyway)
-        return lambda obj=obj: obj
-
-
-def _value_key(v) -> str:
-    r = repr(v)
-    return r if len(r) <= 200 else f"{type(v).__name__}@{id(v)}"
-
-
-class ProbeCache:
-    """Probe results per (fn, input shapes/dtypes/devices, call options, candidate plan).
-
-    Entries hold fn weakly (a bound method by its object, a plain function by its code and what it
-    closes over: see ``_anchors``): an entry whose fn is gone never matches again and leaves with the
-    least recently used. At most ``size`` entries. ``chunkjac.probe_cache`` is the instance ``compute`` uses; ``.clear()`` empties it.
-    """
-
-    def __init__(self, size: int = 128, recheck_every: int = 100):
-        self.size = size
-        self.recheck_every = recheck_every  # see [When the verdict is checked again] in _call
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-
-    @staticmethod
-    def key(spec: Spec, *extra) -> tuple:
-        """What a probe's results depend on: fn (and, for a module, its mode and the shapes of its
-        tensors), the inputs' shapes/dtypes/devices and non-tensor values, and the call options."""
-        args = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, (torch.Tensor, Source)) else _value_key(a)
-                     for a in spec.args)
-        targets = tuple((t.kind, t.index, t.name) for t in spec.targets)
-        module = _owner(spec.fn) if isinstance(_owner(spec.fn), nn.Module) else None
-        state = () if module is None else (
-            tuple(m.training for m in module.modules()),
-            tuple((k, tuple(v.shape), v.dtype) for k, v in module.state_dict(keep_vars=True).items()))
-        return (_identity(spec.fn), args, spec.in_dims, targets, repr(spec.output), spec.create_graph, state,
-                *extra)
-
-    def get(self, key, fn, compute, every: int | None = None, state=None):
-        """The cached value for ``key`` (whose first item is fn's identity), computed on a miss.
-
-        With ``every``, the value is computed again after 1, 2, 4, ... uses with another ``state``
-        than the last (uses in the same state cannot change the answer and are not counted), the gap
-        doubling up to ``every`` and staying there: often while a training run is young (a
-        zero-initialised gate leaves zero at the first optimizer step), then every ``every`` changes
-        (None or 0: never)."""
-        anchors = _anchors(fn)
-        gap = 1
-        with self._lock:  # threads may share the cache; compute() runs outside the lock
-            entry = self._entries.get(key)
-            # The same objects, not new ones at reused ids.
-            if entry is not None and len(entry[0]) == len(anchors) and all(r() is a for r, a in zip(entry[0], anchors)):
-                if every and state != entry[4]:
-                    entry[2] += 1
-                    entry[4] = state
-                if not every or entry[2] < entry[3]:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
-                    return entry[1]
-                gap = min(2 * entry[3], every)
-        value = compute()
-        with self._lock:
-            self._entries[key] = [[_ref(a) for a in anchors], value, 0, min(gap, every or 1), state]
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.hits = 0
 
 
 def measure_step(spec: Spec, plan, n: int, colours, calls: int, repeats: int = 2,

@@ -169,6 +169,12 @@ class NpySink(TensorSink):
         self.ready = []
         self.last = time.monotonic()
 
+    def saved(self) -> int:
+        """After an interruption: the chunks written whole listed too; how many are on disk."""
+        self.staging.drain()
+        self._commit(force=True)
+        return len(self.manifest["done"])
+
     def jacobians(self) -> list[torch.Tensor]:
         self.staging.drain()
         self._commit(force=True)
@@ -233,6 +239,10 @@ class ShardSink(NpySink):
     def jacobians(self) -> list[torch.Tensor]:
         self._commit(force=True)
         return self.outs
+
+    def saved(self) -> int:
+        self._commit(force=True)
+        return len(self.manifest["done"] | self.mine)
 
     def close(self) -> None:
         if self.fds:

@@ -87,6 +87,15 @@ class Spec:
         return _module_tensors(self.fn)[name]
 
 
+def evolve(spec: Spec, **changes) -> Spec:
+    """``dataclasses.replace`` for the hot path (a training loop's every call): a copy with ``changes``,
+    without re-running __init__ (a fifth of the time)."""
+    new = object.__new__(Spec)
+    new.__dict__.update(spec.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     named = dict(module.named_parameters(remove_duplicate=False))
     named.update(module.named_buffers(remove_duplicate=False))
@@ -94,7 +103,7 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
-              device=None, part=None, return_jacobian=False, flat=False) -> Spec:
+              device=None, part=None, return_jacobian=False, flat=False, to_memory=True) -> Spec:
     if not callable(fn):
         raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
     if torch.is_inference_mode_enabled():
@@ -126,7 +135,8 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
                 return_outputs=bool(return_outputs), device=device, home=home, part=part,
-                return_jacobian=bool(return_jacobian) and part is not None, keys=keys, flat=bool(flat))
+                return_jacobian=bool(return_jacobian) and part is not None, keys=keys, flat=bool(flat),
+                to_memory=bool(to_memory))
 
 
 def _check_part(part, targets, wrt) -> None:
@@ -147,7 +157,7 @@ def _shared(a: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _resolve_device(device, fn, home: torch.device) -> torch.device:
     """``device`` if given, else where fn's parameters are, else where the batched inputs are."""
-    first = next(iter(fn.parameters()), None) if isinstance(fn, nn.Module) else None
+    first = _first_parameter(fn) if isinstance(fn, nn.Module) else None
     params = [] if first is None else [first.device]
     if device is None:
         return params[0] if params else home
@@ -167,6 +177,17 @@ def _resolve_device(device, fn, home: torch.device) -> torch.device:
     return device
 
 
+def _first_parameter(m: nn.Module):
+    """next(m.parameters(), None), without the generator machinery (a training loop's every call)."""
+    for p in m._parameters.values():
+        if p is not None:
+            return p
+    for sub in m._modules.values():
+        if sub is not None and (p := _first_parameter(sub)) is not None:
+            return p
+    return None
+
+
 def _normalize_inputs(inputs) -> tuple:
     if isinstance(inputs, list):
         raise TypeError(
@@ -177,6 +198,11 @@ def _normalize_inputs(inputs) -> tuple:
         return from_dataset(inputs)
     out = []
     for k, a in enumerate(args):
+        if type(a) is torch.Tensor or type(a) is nn.Parameter:  # the usual case, first
+            if a.layout != torch.strided or a.device.type == "meta":
+                _check_dense(a, f"input {k}")
+            out.append(a)
+            continue
         if is_lazy_array(a):
             out.append(from_memmap(a, f"input {k} (a {'memmap' if isinstance(a, np.memmap) else 'read-only array'})"))
             continue
@@ -197,7 +223,7 @@ def _normalize_inputs(inputs) -> tuple:
 
 
 def _normalize_in_dims(in_dims, args) -> tuple[int | None, ...]:
-    if in_dims is None or isinstance(in_dims, numbers.Integral) and not isinstance(in_dims, bool):
+    if in_dims is None or type(in_dims) is int or isinstance(in_dims, numbers.Integral) and not isinstance(in_dims, bool):
         raw = [in_dims if isinstance(a, (torch.Tensor, Source)) else None for a in args]
     elif isinstance(in_dims, (tuple, list)):
         if len(in_dims) != len(args):
@@ -212,7 +238,7 @@ def _normalize_in_dims(in_dims, args) -> tuple[int | None, ...]:
         if d is None:
             dims.append(None)
             continue
-        if not isinstance(d, numbers.Integral) or isinstance(d, bool):
+        if type(d) is not int and (not isinstance(d, numbers.Integral) or isinstance(d, bool)):
             raise TypeError(f"chunkjac: in_dims[{i}] must be an int or None, got {_describe(d)}.")
         if not isinstance(a, (torch.Tensor, Source)):
             raise ValueError(
@@ -286,7 +312,7 @@ def _normalize_wrt(wrt, fn, args, dims) -> tuple[tuple[Target, ...], bool, tuple
 
 
 def _target(w, fn, args, dims) -> Target:
-    if isinstance(w, numbers.Integral) and not isinstance(w, bool):
+    if type(w) is int or isinstance(w, numbers.Integral) and not isinstance(w, bool):
         n = len(args)
         if not -n <= w < n:
             raise ValueError(
@@ -353,7 +379,8 @@ def _check_float(t: torch.Tensor, label: str) -> None:
 def _input_target(i, a, d, label) -> Target:
     if not isinstance(a, (torch.Tensor, Source)):
         raise TypeError(f"chunkjac: {label} names input {i}, which is {_describe(a)}, not a tensor.")
-    _check_float(a, f"input {i} ({label})")
+    if a.dtype not in _FLOATS:
+        _check_float(a, f"input {i} ({label})")
     shape = tuple(s for k, s in enumerate(a.shape) if k != d) if d is not None else tuple(a.shape)
     return Target(kind="input", index=i, name=None, batched=d is not None, shape=shape, label=label)
 

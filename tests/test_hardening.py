@@ -66,12 +66,27 @@ def test_zero_size_per_sample_inputs_and_outputs_give_empty_jacobians(fn, inputs
 MLP = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
 
 
-def test_fn_failing_on_the_users_inputs_names_the_chunk_and_keeps_the_cause():
+def test_fn_failing_on_the_users_inputs_is_fns_own_error_with_a_note_naming_the_chunk():
     with pytest.raises(RuntimeError, match=r"chunkjac: fn raised RuntimeError on a chunk of \d+ of the 100 samples "
                        r"\(input 0: a torch.float32 tensor of shape \(\d+, 4\)\)") as e:
         chunkjac.compute(MLP, torch.randn(100, 4))
-    assert "mat1 and mat2 shapes cannot be multiplied" in str(e.value)
-    assert isinstance(e.value.__cause__, RuntimeError)  # PyTorch's own error, chained
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(e.value)  # PyTorch's own error, as fn raised it
+    assert e.value.__notes__[-1].startswith("chunkjac: fn raised RuntimeError")
+
+
+class ModelError(ValueError):
+    pass
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError, ModelError])
+def test_fns_own_exception_keeps_its_class(error):
+    def fn(z):
+        raise error("the model's own complaint")
+
+    with pytest.raises(error) as e:  # the caller's `except ValueError:` sees it
+        chunkjac.compute(fn, torch.randn(8, 3))
+    assert type(e.value) is error and "the model's own complaint" in str(e.value)
+    assert any("chunkjac: fn raised" in n for n in e.value.__notes__)
 
 
 @pytest.mark.parametrize("x", [torch.randn(100, 3, dtype=D), torch.randn(100, 3, dtype=D).numpy()],

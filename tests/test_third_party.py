@@ -144,6 +144,27 @@ def test_opacus_grad_sample_module_is_a_chunkjac_error_that_names_the_fix():
         chunkjac.compute(gsm, x)
 
 
+def test_a_refused_opacus_call_leaves_the_module_as_it_was():
+    # The refusal used to leave grad_sample tensors and stored activations behind: the next chunkjac
+    # call and the user's own backward then failed inside Opacus.
+    net, gsm = _gsm()
+    x = torch.randn(32, 6, dtype=torch.float64)
+    params = {n: dict(vars(p)) for n, p in gsm.named_parameters()}
+    modules = {n: dict(vars(m)) for n, m in gsm.named_modules()}
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"disable_hooks\(\)"):
+            chunkjac.compute(gsm, x)
+    for n, p in gsm.named_parameters():
+        assert vars(p).keys() == params[n].keys() and all(vars(p)[k] is v for k, v in params[n].items())
+    for n, m in gsm.named_modules():
+        assert vars(m).keys() == modules[n].keys()
+    gsm(x).sum().backward()  # the user's own step works
+    for p, q in zip(gsm.parameters(), net.parameters()):
+        ref = torch.func.vmap(torch.func.grad(lambda w, z, q=q: torch.func.functional_call(
+            net, {n: (w if t is q else t) for n, t in net.named_parameters()}, (z[None],)).sum()), in_dims=(None, 0))(q, x)
+        torch.testing.assert_close(p.grad_sample, ref * len(x))  # (loss_reduction="mean" scales by the batch)
+
+
 def test_opacus_with_hooks_disabled_is_exact():
     net, gsm = _gsm()
     gsm.disable_hooks()

@@ -19,6 +19,8 @@ gradients; forward: ceil(k * n_in / cols_per_jvp) batched JVPs, memory ~ cols_pe
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,7 +49,7 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor 
     # Reverse mode needs autograd whatever the caller's grad mode (torch.no_grad() around compute);
     # forward mode records a graph only when the result must be differentiable.
     if reverse:
-        with torch.enable_grad():
+        with torch.enable_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
             for k, j in zip(reverse, _reverse(spec, plan, args, n, reverse, out_box := [], colours, calls)):
                 jacs[k] = j
         outputs = out_box[0]
@@ -85,7 +87,8 @@ def _reverse(spec: Spec, plan: Plan, args: list, n: int, ks: list[int], out_box:
     out_box.append(out if create else detach_all(out))
     dims = [spec.in_dims[spec.targets[k].index] for k in ks]
     jacs = extract_reverse(y, prims, dims, colours, plan.rows_per_vjp, create, calls=calls)
-    return [j.reshape(n, *plan.out_shape, *spec.targets[k].shape) for j, k in zip(jacs, ks)]
+    shapes = [(n, *plan.out_shape, *spec.targets[k].shape) for k in ks]
+    return [j if j.shape == s else j.reshape(s) for j, s in zip(jacs, shapes)]
 
 
 def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torch.Tensor | None, step: int,
@@ -94,20 +97,21 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
     """Per-sample Jacobians (n, n_out, *in) of y (n, *out) w.r.t. each of ``prims`` (batch at ``dims``),
     from batched VJPs of ``step`` (colour, row) pairs each. ``retain`` keeps y's graph afterwards."""
     n = y.shape[0]
-    rows = y[0].numel()
-    yf = y.reshape(n, rows)
+    rows = math.prod(y.shape[1:])
+    yf = y if y.dim() == 2 else y.reshape(n, rows)
     shapes = [tuple(s for k, s in enumerate(x.shape) if k != d) for x, d in zip(prims, dims)]
     if colours is not None:
         return _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, retain, on_call)
     blocks: list[list] = [[] for _ in prims]
     if y.requires_grad and rows == 1 and (calls is None or calls >= 1):
         # One output element per sample (a PINN's u, a per-sample loss): one VJP whose cotangent is
-        # ones, its gradient (n, *in) reshaped, no block bookkeeping (a training loop's hot path).
+        # ones, its gradient (n, *in) reshaped, no block bookkeeping (a training loop's hot path: no
+        # op that is not needed, each is a node of the graph a loss on the result goes back through).
         gs = torch.autograd.grad(yf, prims, torch.ones_like(yf), retain_graph=create or retain, create_graph=create,
                                  allow_unused=True)
         for b, g, x, d in zip(blocks, gs, prims, dims):
-            g = torch.zeros_like(x) if g is None else g
-            b.append((g if d == 0 else g.movedim(d, 0)).to(y.dtype).unsqueeze(1))  # (n, 1, *in)
+            g = torch.zeros_like(x) if g is None else g if d == 0 else g.movedim(d, 0)
+            b.append((g if g.dtype == y.dtype else g.to(y.dtype)).unsqueeze(1))  # (n, 1, *in)
         if on_call is not None:
             on_call(1)
     elif y.requires_grad and rows:
