@@ -23,6 +23,7 @@ from ._memory import free_bytes
 from ._plan import Plan, make_coupled_plan, make_plan
 from ._request import Request
 from ._spec import Spec, evolve
+from ._writes import written_inputs
 
 log = logging.getLogger("chunkjac")
 probe_cache = ProbeCache()
@@ -35,10 +36,12 @@ def run(req: Request):
     were, whatever happens (see _function.as_it_was)."""
     job = _distributed.join(req.out) if req.dump else None
     seen = watch(req.spec)
-    with as_it_was(seen.modules):
+    with as_it_was(seen.modules) as also:
+        written = _written(req, seen)
+        also(written)
         if job is not None:
-            return _run_sharded(job, req, seen)
-        versions = _versions(req.spec.args)
+            return _run_sharded(job, req, seen, written)
+        versions = _versions(req.spec.args, written)
         spec, p = prepare(req, seen)
         _check_unmodified(spec.args, versions)
         _refuse_too_long(p)
@@ -63,16 +66,29 @@ def run(req: Request):
 def plan_only(req: Request) -> Plan:
     """chunkjac.plan: what ``run`` would carry out."""
     seen = watch(req.spec)
-    with as_it_was(seen.modules):
-        versions = _versions(req.spec.args)
+    with as_it_was(seen.modules) as also:
+        written = _written(req, seen)
+        also(written)
+        versions = _versions(req.spec.args, written)
         p = prepare(req, seen)[1]
         _check_unmodified(req.spec.args, versions)
     return p
 
 
-def _versions(args) -> list:
-    # (Inference tensors have no version counter, and fn cannot write to them outside inference mode.)
-    return [(k, a, a._version) for k, a in enumerate(args) if isinstance(a, torch.Tensor) and not a.is_inference()]
+def _written(req: Request, seen: Watch) -> list:
+    """The shared inputs fn writes in place, to be put back after the call; a refusal when it writes
+    into a batched one (see [Writes into the inputs] in _writes). Found once per remembered decision."""
+    spec = req.spec
+    key = None if seen.key is None else (identity(spec.fn), "writes", str(spec.device), seen.key)
+    return [spec.args[i] for i in probe_cache.get(key, spec.fn, lambda: written_inputs(spec))]
+
+
+def _versions(args, written=()) -> list:
+    """The inputs' in-place versions, but those of shared inputs fn is known to write (put back
+    after the call, see _writes). (Inference tensors have no version counter, and fn cannot write to
+    them outside inference mode.)"""
+    return [(k, a, a._version) for k, a in enumerate(args) if isinstance(a, torch.Tensor) and not a.is_inference()
+            and not any(a is w for w in written)]
 
 
 def _check_unmodified(args, versions) -> None:
@@ -273,14 +289,14 @@ def _check_resumed_plan(spec: Spec, o, p: Plan) -> None:
             raise mismatch
 
 
-def _run_sharded(job: _distributed.Job, req: Request, seen: Watch):
+def _run_sharded(job: _distributed.Job, req: Request, seen: Watch, written: list):
     """A dump shared by the processes of a torch.distributed job: steps 2-5 of [Sharded dumps]."""
     device = _distributed.device_for(job, req.given["device"])
     o = None
     try:
         if device is not None and torch.device(device) != req.spec.device:
             req = req.remake(device=device)
-        versions = _versions(req.spec.args)
+        versions = _versions(req.spec.args, written)
         if job.rank != 0:
             given = job.receive("plan")  # rank 0's plan (even where each rank was given one), on this rank's device
             if device is not None:

@@ -256,7 +256,9 @@ def as_it_was(modules: list[nn.Module]):
     contents of list attributes, the tensors' ``.grad`` and attributes, the parameter, buffer and
     submodule tables. (A call that succeeds leaves what fn's own code records, a call counter say.)
     Only what changed is written back: a buffer write moves the version counter, which the caches
-    key on (batch_norm updates running statistics without moving it, so values are compared too)."""
+    key on (batch_norm updates running statistics without moving it, so values are compared too).
+    Yields ``also(tensors)``: other tensors to put back like buffers from then on (shared inputs fn
+    writes in place, see _writes)."""
     saved, tensors, buffers, seen = [], [], [], set()
     for m in modules:
         d = m.__dict__
@@ -272,8 +274,12 @@ def as_it_was(modules: list[nn.Module]):
                 seen.add(id(t))
                 tensors.append((t, t.grad, t.__dict__.copy()))
                 buffers.append((t, t.detach().clone(), version(t)))
+
+    def also(more) -> None:
+        buffers.extend((t, t.detach().clone(), version(t)) for t in more if id(t) not in seen)
+
     try:
-        yield
+        yield also
     except BaseException:
         for d, d0, lists, p, p0, b, b0, s, s0 in saved:
             _restore(d, d0)

@@ -265,3 +265,70 @@ def test_a_recorded_plan_keeps_the_return_outputs_check():
     p = chunkjac.plan(h, x, output=0, chunk_size=4)
     with pytest.raises(ValueError, match="return_outputs=True, but fn returns a tensor without the batch"):
         chunkjac.compute(h, x, output=0, return_outputs=True, plan=p)
+
+
+# Writes into the inputs (see [Writes into the inputs] in _writes): batch_norm in training mode given
+# running statistics batched like the input wrote C entries through a view of fewer rows, past the end
+# of the storage, and the process died in the coupled extraction (SIGSEGV).
+BATCH_NORMS = {
+    "native_batch_norm": "torch.native_batch_norm(z, w, b, rm, rv, True, 0.5, 0.6)[0]",
+    "_native_batch_norm_legit": "torch._native_batch_norm_legit(z, w, b, rm, rv, True, 0.5, 0.6)[0]",
+    "_batch_norm_with_update": "torch.ops.aten._batch_norm_with_update(z, w, b, rm, rv, 0.5, 0.6)[0]",
+}
+
+
+@pytest.mark.parametrize("op", BATCH_NORMS)
+def test_batched_running_statistics_are_refused_before_any_write(op):
+    r = run_isolated(f"""
+import torch, chunkjac
+torch.manual_seed(0)
+x = torch.randn(5, 5, 5, dtype=torch.float64)
+w, b, rm, rv = (torch.randn(5, dtype=torch.float64) for _ in range(4)); rv = rv.abs()
+before = (rm.clone(), rv.clone())
+fn = lambda z, w, b, rm, rv: {BATCH_NORMS[op]}
+try:
+    chunkjac.compute(fn, (x, w, b, rm, rv), in_dims=(0, 0, 0, 0, 0))
+except ValueError as e:
+    assert str(e).startswith("chunkjac: fn writes in place into input 3, a batched input"), e
+    assert "in_dims=None" in str(e)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])  # the user's tensors untouched
+    print("refused")
+""")
+    assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]
+
+
+def test_shared_running_statistics_are_written_by_fn_and_put_back_after_the_call():
+    torch.manual_seed(0)
+    x = torch.randn(40, 5, 3, dtype=D)
+    rm, rv = torch.zeros(5, dtype=D), torch.ones(5, dtype=D)
+    fn = lambda z, rm, rv: torch.nn.functional.batch_norm(z, rm, rv, training=True, momentum=0.5)  # noqa: E731
+    J = chunkjac.compute(fn, (x, rm, rv), in_dims=(0, None, None), coupling="coupled")
+    torch.testing.assert_close(J, blocks(lambda z: fn(z, rm.clone(), rv.clone()), x))
+    assert torch.equal(rm, torch.zeros(5, dtype=D)) and torch.equal(rv, torch.ones(5, dtype=D))
+
+
+def test_an_in_place_write_into_a_batched_input_is_refused_before_it_happens():
+    x = torch.randn(30, 3, dtype=D)
+    keep = x.clone()
+
+    def fn(z, t):
+        with torch.no_grad():
+            t.mul_(2)  # writes the user's second input
+        return z * t
+
+    with pytest.raises(ValueError, match=r"fn writes in place into input 1, a batched input \(aten.mul_"):
+        chunkjac.compute(fn, (x, x.clone()))
+    assert torch.equal(x, keep)
+
+
+def test_a_shared_input_fn_writes_in_place_is_put_back_and_not_refused():
+    x, c = torch.randn(20, 3, dtype=D), torch.ones(3, dtype=D)
+
+    def fn(z, c):
+        with torch.no_grad():
+            c.add_(1.0)  # a counter fn keeps in a shared tensor
+        return z * 2
+
+    J = chunkjac.compute(fn, (x, c), in_dims=(0, None))
+    torch.testing.assert_close(J, 2 * torch.eye(3, dtype=D).expand(20, 3, 3))
+    assert torch.equal(c, torch.ones(3, dtype=D))
