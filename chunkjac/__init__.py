@@ -4,13 +4,14 @@
 """
 from ._api import compute, hessian, laplacian, plan
 from ._call import probe_cache
+from ._declared import hops
 from ._errors import BudgetError, CouplingError, CouplingWarning, DistributedError, TooLongError
 from ._graph import jacobian_of
 from ._memo import ProbeCache
 from ._plan import Plan
 from ._version import __version__
 
-__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "Plan", "BudgetError", "CouplingError",
+__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "hops", "Plan", "BudgetError", "CouplingError",
            "CouplingWarning", "DistributedError", "TooLongError",
            "ProbeCache", "probe_cache", "__version__"]
 

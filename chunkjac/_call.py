@@ -11,11 +11,12 @@ import torch
 
 from . import _distributed, _manifest
 from ._budget import parse_budget
-from ._check import check_forward_mode, check_second_order
+from ._check import check_forward_mode, check_higher_order, check_second_order
 from ._coupling import Coupling, coupled, independent, unsplittable
+from ._declared import check as check_declared
 from ._detect import check as check_coupling
 from ._dump import open_output
-from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, first_line, warn
+from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, first_line, is_out_of_memory, warn
 from ._executor import execute
 from ._function import FnError, as_it_was
 from ._memo import ProbeCache, Watch, argument_key, identity, watch
@@ -188,9 +189,14 @@ def _decide(req: Request) -> tuple[Coupling, str, Plan, str | None]:
     except FnError as e:
         whole = _whole_batch(spec, e)
         if whole is None:
-            raise
-        spec = dataclasses.replace(spec, coupling=whole)
-        p = _make_plan(spec, req, budget_bytes)
+            spec, p = _per_sample_products(spec, req, budget_bytes, e)
+        else:
+            spec = dataclasses.replace(spec, coupling=whole)
+            p = _make_plan(spec, req, budget_bytes)
+    except RuntimeError as e:
+        spec, p = _per_sample_products(spec, req, budget_bytes, e)
+    if req.check_coupling:
+        check_declared(spec, p)  # group ids or a graph: see [Checking a declared coupling]
     if spec.part is not None:
         why = check_second_order(spec, p)
         if why is not None:
@@ -200,16 +206,66 @@ def _decide(req: Request) -> tuple[Coupling, str, Plan, str | None]:
             # See [Why Taylor mode is cross-checked]: reverse over reverse gives them exactly.
             spec = dataclasses.replace(spec, mode="reverse")
             p = _make_plan(spec, req, budget_bytes)
+        if spec.create_graph:
+            spec, p = _right_one_order_higher(spec, req, p, budget_bytes)
         return spec.coupling, spec.mode, p, warning
     mismatch = _forward_verdict(spec, p)
     if mismatch is not None:
-        if spec.mode != "auto" or not mismatch.batched:
+        if spec.mode != "auto":
             raise mismatch
         # auto: an op's forward-mode formula is wrong here (max_unpool with repeated indices), and
         # reverse mode gives these derivatives exactly: plan that instead.
         spec = dataclasses.replace(spec, mode="reverse")
         p = _make_plan(spec, req, budget_bytes)
     return spec.coupling, spec.mode, p, warning
+
+
+def _per_sample_products(spec: Spec, req: Request, budget_bytes: int, e: Exception) -> tuple[Spec, Plan]:
+    """Independent samples and shared tensors (parameters), where neither forward mode nor the
+    per-sample strategy (torch.func) can run fn: reverse mode with a product per (sample, output
+    element), by plain autograd (see [Shared tensors in reverse mode] in coloured); else ``e``."""
+    shared = any(not t.batched for t in spec.targets)
+    if not shared or spec.part is not None or spec.mode == "forward" or spec.coupling.kind != "independent" \
+            or is_out_of_memory(e):
+        raise e
+    each = Coupling("independent", spec.batch_size, colours=torch.arange(spec.batch_size),
+                    reason="a product per sample for the shared tensors")
+    alt = dataclasses.replace(spec, mode="reverse")
+    try:
+        p = make_coupled_plan(alt, each, spec.device, budget_bytes, chunk_size=req.chunk_size, cache=probe_cache,
+                              max_seconds=None)
+    except Exception:  # noqa: BLE001 - that cannot run either: the first failure says why
+        raise e from None
+    return alt, dataclasses.replace(p, wrt=_targets(spec))
+
+
+def _right_one_order_higher(spec: Spec, req: Request, p: Plan, budget_bytes: int) -> tuple[Spec, Plan]:
+    """create_graph=True: the route must be right when its results are differentiated again (see [Why
+    create_graph is checked one order higher] in _check): the plan, or the other route, or a refusal."""
+    why = check_higher_order(spec, p)
+    if why is None:
+        return spec, p
+    route = {"taylor": "Taylor mode", "double_backward": "reverse over reverse"}[p.strategy]
+    other = "reverse" if p.strategy == "taylor" else "forward"
+    if spec.mode == "auto":
+        alt = dataclasses.replace(spec, mode=other)
+        try:
+            q = _make_plan(alt, req, budget_bytes)
+            ok = (q.strategy == "double_backward" or check_second_order(alt, q) is None) and \
+                check_higher_order(alt, q) is None
+        except Exception:  # noqa: BLE001 - the other route cannot run fn: the refusal below says why
+            ok = False
+        if ok:
+            return alt, q
+        raise ValueError(
+            f"chunkjac: create_graph=True, but neither route differentiates fn's second derivatives right: by "
+            f"{route}, {why}, and the other route fails too (PyTorch's higher derivative of an op in fn is wrong). "
+            "Compute the second derivatives without create_graph, or rewrite the op (e.g. layer_norm by its "
+            "definition).")
+    raise ValueError(
+        f"chunkjac: create_graph=True with mode={spec.mode!r}: by {route}, {why} (PyTorch's higher derivative "
+        f"of an op in fn is wrong here). Pass mode='auto', which takes the route that is right, or "
+        f"mode={other!r}.")
 
 
 def _whole_batch(spec: Spec, e: FnError) -> Coupling | None:

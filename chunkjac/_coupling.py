@@ -45,6 +45,7 @@ class Coupling:
     colours: torch.Tensor | None = None
     bounds: np.ndarray | None = None
     reason: str = ""
+    edges: torch.Tensor | None = None  # a graph's (2, E) edges as declared (for the check, see _declared)
 
     @property
     def num_colours(self) -> int:
@@ -182,7 +183,7 @@ def graph(edges: torch.Tensor, batch_size: int) -> Coupling:
         colours[i] = c
     k = int(colours.max()) + 1 if batch_size else 1
     return Coupling("graph", batch_size, colours=torch.from_numpy(colours) if k > 1 else None, bounds=bounds,
-                    reason=f"a dependency graph of {e.shape[1]:,} edges, {k} colour{'s' * (k != 1)}")
+                    reason=f"a dependency graph of {e.shape[1]:,} edges, {k} colour{'s' * (k != 1)}", edges=edges)
 
 
 def _from_sparse(adj: torch.Tensor, batch_size: int) -> Coupling:

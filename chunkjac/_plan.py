@@ -507,8 +507,10 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     preferred = "forward" if JVP_COST * batched_in < n_out or spec.part is not None else "reverse"
     # auto: the count rule's mode, and the other one if fn cannot run it (no forward-mode formula).
     wanted = [spec.mode] if spec.mode != "auto" else [preferred, "reverse" if preferred == "forward" else "forward"]
-    # Per target (shared tensors are always forward); distinct: with no batched target both are one.
-    tries = list(dict.fromkeys(tuple(m if t.batched else "forward" for t in spec.targets) for m in wanted))
+    # Per target; distinct: with no batched target both are one. Shared tensors in reverse mode get a
+    # colour per sample (see [Shared tensors in reverse mode] in coloured).
+    tries = list(dict.fromkeys(tuple(m for _ in spec.targets) for m in wanted))
+    declared = coupling
     result_bytes = result_numel(spec, p) * p.dtype.itemsize
     # Second derivatives: a Taylor pass per colour group (one "pair" each, width 1), or reverse over
     # reverse with 1 + D VJPs per output element of each group; neither vectorises groups (k = 1).
@@ -547,6 +549,11 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
         sizes = [s for s in EXTRAPOLATE_FROM if s < spec.batch_size]
         n0 = sizes[-1]
     for i, modes in enumerate(tries):
+        coupling = declared
+        if any(m == "reverse" and not t.batched for m, t in zip(modes, spec.targets)) and \
+                (coupling.colours is None or coupling.num_colours < coupling.batch_size):
+            coupling = dataclasses.replace(coupling, colours=torch.arange(coupling.batch_size),
+                                           reason=f"{coupling.reason}; a product per sample for the shared tensors")
         width = n_out if "reverse" in modes else max(t.numel for t in spec.targets)
         base = Plan(strategy="coloured", modes=modes, batch_size=spec.batch_size, chunk_size=spec.batch_size,
                     rows_per_vjp=1, cols_per_jvp=1 if "reverse" not in modes else max(t.numel for t in spec.targets),

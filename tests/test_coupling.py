@@ -269,7 +269,9 @@ def test_structure_bounds_allow_chunks_between_components():
     b = 12
     edges = torch.tensor([[0, 1, 5, 6], [1, 0, 6, 5]])  # {0,1} and {5,6} interact, the rest alone
     x = torch.randn(b, 2, dtype=F64)
-    p = chunkjac.plan(banded, x, coupling=edges, chunk_size=1)
+    # (banded's samples interact along the band, which these edges do not say: only the bounds the
+    # declaration allows are tested here, so the declaration is trusted.)
+    p = chunkjac.plan(banded, x, coupling=edges, chunk_size=1, check_coupling=False)
     assert [s for s, _ in p.chunks()] == [0, 2, 3, 4, 5, 7, 8, 9, 10, 11]
 
 
@@ -455,3 +457,81 @@ def test_jacobian_of_a_large_input_does_not_hide_a_coupling_on_another():
     with pytest.warns(chunkjac.CouplingWarning):
         ja, _ = chunkjac.jacobian_of(y, (a, b))
     torch.testing.assert_close(ja, blocks(lambda v: v + 1e-2 * v.mean(0) + 1e7 * b.detach(), a.detach()), **TOL)
+
+
+# Declared couplings are checked (see [Checking a declared coupling] in _declared) -------------------
+
+def _mean_over_groups_of(size):
+    def f(z):
+        g = z.reshape(-1, size, z.shape[-1])
+        return (g - g.mean(1, keepdim=True)).reshape(z.shape) * torch.tanh(z)
+    return f
+
+
+def _message_passing(edges, layers):
+    """A pure-torch GNN: each layer adds the mean of the in-neighbours' features (edge j -> i)."""
+    w = torch.randn(3, 3, dtype=F64)
+
+    def f(z):
+        h = z
+        for _ in range(layers):
+            agg = torch.zeros_like(h).index_add(0, edges[1], h[edges[0]])
+            deg = torch.zeros(h.shape[0], dtype=h.dtype).index_add(0, edges[1], torch.ones(edges.shape[1], dtype=h.dtype))
+            h = torch.tanh((h + agg / deg.clamp_min(1)[:, None]) @ w)
+        return h
+    return f
+
+
+def test_group_ids_finer_than_the_real_groups_are_refused():
+    x = torch.randn(16, 3, dtype=F64)
+    f = _mean_over_groups_of(4)
+    with pytest.raises(chunkjac.CouplingError, match="declared coupling misses interactions.*coarser"):
+        chunkjac.compute(f, x, coupling=torch.arange(16) // 2)
+    with pytest.raises(chunkjac.CouplingError):  # chunked: the group of 2 is a chunk fn fails on, or leaks
+        chunkjac.compute(f, torch.randn(400, 3, dtype=F64), coupling=torch.arange(400) // 2, chunk_size=40)
+    J = chunkjac.compute(f, x, coupling=torch.arange(16) // 4)  # the real groups: checked and exact
+    torch.testing.assert_close(J, blocks(f, x))
+
+
+def test_an_interaction_across_chunks_of_declared_groups_is_refused():
+    x = torch.randn(400, 3, dtype=F64)
+    f = lambda z: z + 0.5 * torch.roll(z, -5, 0)  # noqa: E731 - sample i reads i + 5, in another group
+    with pytest.raises(chunkjac.CouplingError, match="misses interactions"):
+        chunkjac.compute(f, x, coupling=torch.arange(400) // 4, chunk_size=40)
+
+
+def test_a_graph_of_one_hop_for_two_message_passing_layers_is_refused_with_the_hops_to_pass():
+    torch.manual_seed(3)
+    n = 40
+    edges = torch.randint(0, n, (2, 90))
+    f = _message_passing(edges, 2)
+    x = torch.randn(n, 3, dtype=F64)
+    with pytest.raises(chunkjac.CouplingError, match=r"2-hop neighbours.*chunkjac.hops\(edge_index, 2\)"):
+        chunkjac.compute(f, x, coupling=edges)
+    with pytest.raises(chunkjac.CouplingError, match="2-hop"):  # the Hessian likewise
+        chunkjac.hessian(f, x, coupling=edges)
+    J = chunkjac.compute(f, x, coupling=chunkjac.hops(edges, 2))
+    torch.testing.assert_close(J, blocks(f, x))
+    H = chunkjac.hessian(f, x, coupling=chunkjac.hops(edges, 2), part="diagonal")
+    ref = torch.stack([torch.autograd.functional.hessian(
+        lambda v, i=i: f(torch.cat([x[:i], v[None], x[i + 1:]]))[i].sum(), x[i]).diagonal() for i in range(n)])
+    # (the sum over the 3 outputs' diagonals, against the per-output parts)
+    torch.testing.assert_close(H.sum(1), ref)
+    one = _message_passing(edges, 1)
+    torch.testing.assert_close(chunkjac.compute(one, x, coupling=edges), blocks(one, x))  # one layer: 1-hop is right
+
+
+def test_check_coupling_false_trusts_the_declaration():
+    x = torch.randn(16, 3, dtype=F64)
+    f = _mean_over_groups_of(4)
+    J = chunkjac.compute(f, x, coupling=torch.arange(16) // 2, check_coupling=False)
+    assert J.shape == (16, 3, 3)  # whatever the declaration implies: not checked (docs/coupling.md)
+
+
+def test_hops_is_reachability_in_at_most_k_edges():
+    edges = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])  # a path 0 -> 1 -> 2 -> 3 -> 4
+    got = chunkjac.hops(edges, 2)
+    assert {tuple(e) for e in got.T.tolist()} == {(0, 1), (1, 2), (2, 3), (3, 4), (0, 2), (1, 3), (2, 4)}
+    assert {tuple(e) for e in chunkjac.hops(edges, 1).T.tolist()} == {tuple(e) for e in edges.T.tolist()}
+    with pytest.raises(ValueError, match="k >= 1"):
+        chunkjac.hops(edges, 0)

@@ -431,3 +431,53 @@ def test_wide_outputs_are_checked_by_projection_without_false_alarms():
     x = torch.randn(40, 6, dtype=torch.double)
     assert chunkjac.plan(f, x, part="laplacian").strategy == "taylor"
     torch.testing.assert_close(chunkjac.laplacian(f, x), vmap_reference(f, x, "laplacian"))
+
+
+# create_graph=True: the route must be right one order higher (see [Why create_graph is checked one
+# order higher] in _check). PyTorch's third derivative of layer_norm is wrong, so the gradient of a
+# Laplacian by reverse over reverse was off by 13-115% while Taylor mode matched finite differences.
+
+def _layer_norm_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def _fd_parameter_gradient(m, x, eps=1e-6):
+    """d/dθ of sum_i laplacian(m)(x_i), by central differences of per-sample autograd Hessians."""
+    base = torch.nn.utils.parameters_to_vector(m.parameters()).detach()
+    mm = copy.deepcopy(m)
+    g = torch.zeros_like(base)
+    for k in range(base.numel()):
+        for sign in (1, -1):
+            v = base.clone()
+            v[k] += sign * eps
+            torch.nn.utils.vector_to_parameters(v, mm.parameters())
+            lap = sum(torch.autograd.functional.hessian(lambda z: mm(z[None])[0, 0], xi).trace() for xi in x)
+            g[k] += sign * lap / (2 * eps)
+    return g
+
+
+def test_create_graph_through_layer_norm_takes_the_route_that_is_right():
+    m, x = _layer_norm_net(), torch.randn(6, 3, dtype=torch.float64)
+    ref = _fd_parameter_gradient(m, x)
+    for mode in ("auto", "forward"):
+        mm = copy.deepcopy(m)
+        chunkjac.laplacian(mm, x, create_graph=True, mode=mode).sum().backward()
+        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in mm.parameters()])
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"create_graph=True with mode='reverse'.*finite differences.*mode='auto'"):
+        chunkjac.laplacian(copy.deepcopy(m), x, create_graph=True, mode="reverse")
+
+
+def test_the_higher_order_check_sees_a_wrong_route(monkeypatch):
+    # The check itself: reverse over reverse through layer_norm fails it, Taylor mode passes.
+    from chunkjac import _check, _request
+    m, x = _layer_norm_net(), torch.randn(6, 3, dtype=torch.float64)
+    for mode, wrong in (("reverse", True), ("forward", False)):
+        req = _request.make("laplacian", m, x, create_graph=True, mode=mode, part="laplacian")
+        p = chunkjac.plan(m, x, create_graph=True, mode="forward", part="laplacian") if mode == "forward" else None
+        if p is None:
+            monkeypatch.setattr(chunkjac._call, "check_higher_order", lambda spec, plan: None)
+            p = chunkjac.plan(m, x, create_graph=True, mode="reverse", part="laplacian")
+            monkeypatch.undo()
+        assert (_check.check_higher_order(req.spec, p) is not None) == wrong

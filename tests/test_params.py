@@ -207,3 +207,20 @@ def test_a_result_larger_than_the_budget_is_one_chunk_in_memory_and_chunks_on_di
     assert len(m["chunks"]) > 1  # on disk the chunk's Jacobians are memory the budget must hold
     for k in ref:
         torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "d" / f"{k}.npy"))[:50], ref[k])
+
+
+def test_coupled_parameter_jacobians_through_batchnorm_are_not_refused_for_rounding():
+    # BatchNorm in training removes the conv's bias: its Jacobian is zero, and the forward-mode check
+    # compared two rounding residues (u.Jv = -2.5e-17 against J^T u.v = -5.0e-16) and refused.
+    import copy
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2)).double()
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    J = chunkjac.compute(m, x, wrt="params", coupling="coupled")
+    names = [k for k, _ in m.named_parameters()]
+    ref_m = copy.deepcopy(m)
+    full = torch.autograd.functional.jacobian(lambda *ps: functional_call(ref_m, dict(zip(names, ps)), (x,)),
+                                              tuple(p.detach() for p in m.parameters()))
+    for k, r in zip(names, full):
+        torch.testing.assert_close(J[k], r, rtol=1e-9, atol=1e-12)
+    assert J["0.bias"].abs().max() < 1e-12  # zero: the batch's mean takes the bias away

@@ -70,22 +70,29 @@ def _check_shape(plan: Plan, y: torch.Tensor) -> None:
 
 
 def _reverse(spec: Spec, plan: Plan, args: list, n: int, ks: list[int], out_box: list, colours, calls) -> list:
+    """Reverse mode for the targets ``ks``: batched inputs (sliced per sample), and shared tensors
+    where every sample has a colour of its own (coupled samples: one product per (sample, row) gives
+    that sample's derivative w.r.t. the shared tensor; see [Shared tensors in reverse mode])."""
     create = spec.create_graph
     args = list(args)
-    prims = []
+    prims, params, dims = [], {}, []
     for k in ks:
-        i = spec.targets[k].index
-        x = args[i]
+        t = spec.targets[k]
+        x = spec.param(t.name) if t.kind == "param" else args[t.index]
         # Keep the user's graph when they want to differentiate J again; otherwise a fresh leaf.
         if not (create and x.requires_grad):
             x = x.detach().requires_grad_(True)
-        args[i] = x
+        if t.kind == "param":
+            params[t.name] = x
+            dims.append(None)
+        else:
+            args[t.index] = x
+            dims.append(spec.in_dims[t.index])
         prims.append(x)
-    out = call(spec, args)
+    out = call(spec, args, params or None)
     y = select(spec, out, n)
     _check_shape(plan, y)
     out_box.append(out if create else detach_all(out))
-    dims = [spec.in_dims[spec.targets[k].index] for k in ks]
     jacs = extract_reverse(y, prims, dims, colours, plan.rows_per_vjp, create, calls=calls)
     shapes = [(n, *plan.out_shape, *spec.targets[k].shape) for k in ks]
     return [j if j.shape == s else j.reshape(s) for j, s in zip(jacs, shapes)]
@@ -99,7 +106,8 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
     n = y.shape[0]
     rows = math.prod(y.shape[1:])
     yf = y if y.dim() == 2 else y.reshape(n, rows)
-    shapes = [tuple(s for k, s in enumerate(x.shape) if k != d) for x, d in zip(prims, dims)]
+    shapes = [tuple(x.shape) if d is None else tuple(s for k, s in enumerate(x.shape) if k != d)
+              for x, d in zip(prims, dims)]
     if colours is not None:
         return _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, retain, on_call)
     blocks: list[list] = [[] for _ in prims]
@@ -148,10 +156,22 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
     return jacs
 
 
+# NOTE: [Shared tensors in reverse mode]
+# Reverse mode sums a shared tensor's contributions over the samples a product carries: the sum
+# trick cannot give dy_i/dθ per sample. Where every sample has a colour of its own (coupled samples),
+# each product carries one sample's one row, so its gradient w.r.t. θ is exactly that sample's row
+# of dy_i/dθ: B x n_out VJPs of the whole-batch forward, by plain autograd, for models that forward
+# mode and torch.func cannot run (an adjoint ODE solve's autograd.Function without setup_context).
+# The planner offers it only there (see make_coupled_plan); shared tensors of independent samples
+# use forward mode or the per-sample strategy.
+
+
 def _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, retain, on_call):
     """extract_reverse with colours: the pair (c, r) puts e_r on the members of colour c, and each
-    member keeps its own slice of the gradient. Per call: one cotangent scatter, one VJP, one gather
-    (the members of each colour are sorted out once: a fully coupled chunk runs B x rows calls)."""
+    member keeps its own slice of the gradient (a shared prim, batch dim None, its whole gradient:
+    one member per colour, see [Shared tensors in reverse mode]). Per call: one cotangent scatter,
+    one VJP, one gather (the members of each colour are sorted out once: a fully coupled chunk runs
+    B x rows calls)."""
     n, rows = yf.shape
     dev = y.device
     colours = colours.to(dev)
@@ -172,7 +192,8 @@ def _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, 
             cot[ji, r] = 1
             gs = torch.autograd.grad(yf, prims, cot, retain_graph=create or not last, create_graph=create,
                                      allow_unused=True)
-            gs = [None if g is None else g.movedim(d, 0)[ji] for g, d in zip(gs, dims)]
+            gs = [None if g is None else g.unsqueeze(0).expand(len(ji), *g.shape) if d is None else g.movedim(d, 0)[ji]
+                  for g, d in zip(gs, dims)]
         else:
             block = [divmod(q, rows) for q in range(p0, p1)]
             ji = torch.cat([members[c] for c, _ in block])
@@ -184,7 +205,7 @@ def _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, 
             except RuntimeError:
                 step = 1  # no batching rule for some backward: the loop (see extract_reverse)
                 continue
-            gs = [None if g is None else g.movedim(1 + d, 1)[pi, ji] for g, d in zip(gs, dims)]
+            gs = [None if g is None else g[pi] if d is None else g.movedim(1 + d, 1)[pi, ji] for g, d in zip(gs, dims)]
         for k, vals in enumerate(gs):  # vals: (members of the block, *in), each sample its own slice
             if vals is None:
                 continue  # this input does not reach y: its rows stay zero
@@ -339,10 +360,9 @@ def forward_refused(e: RuntimeError, shared: bool = False) -> RuntimeError:
                 "training mode?), which torch.func.jvp cannot trace.")
     if shared:
         return RuntimeError(
-            f"chunkjac: forward mode cannot run fn ({why}).{hint} Per-sample derivatives w.r.t. a shared "
-            "tensor need forward mode here (reverse mode sums the samples' contributions), so there is no "
-            "other mode to fall back on: replace the operation that has no forward-mode formula in fn, or "
-            "pass the shared tensor as a batched input (expanded to B rows, in_dims=0) and differentiate that.")
+            f"chunkjac: forward mode cannot run fn ({why}).{hint} Pass mode='reverse': per-sample derivatives "
+            "w.r.t. a shared tensor by reverse mode, per sample (torch.func.vmap) or with a product per (sample, "
+            "output element) of the whole batch where that cannot run.")
     return RuntimeError(f"chunkjac: forward mode cannot run fn ({why}).{hint} Pass mode='reverse'.")
 
 
