@@ -15,10 +15,11 @@ from ._check import check_forward_mode, check_higher_order, check_second_order
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._declared import check as check_declared
 from ._detect import check as check_coupling
-from ._dump import open_output
+from ._dump import open_output, preflight
+from ._probe import probe
 from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, first_line, is_out_of_memory, warn
 from ._executor import execute
-from ._function import FnError, as_it_was
+from ._function import FnError, as_it_was, missing_batch_dim
 from ._memo import ProbeCache, Watch, argument_key, identity, watch
 from ._memory import free_bytes
 from ._plan import Plan, make_coupled_plan, make_plan
@@ -43,6 +44,7 @@ def run(req: Request):
         if job is not None:
             return _run_sharded(job, req, seen, written)
         versions = _versions(req.spec.args, written)
+        _preflight(req)
         spec, p = prepare(req, seen)
         _check_unmodified(spec.args, versions)
         _refuse_too_long(p)
@@ -71,9 +73,24 @@ def plan_only(req: Request) -> Plan:
         written = _written(req, seen)
         also(written)
         versions = _versions(req.spec.args, written)
+        _preflight(req)
         p = prepare(req, seen)[1]
         _check_unmodified(req.spec.args, versions)
     return p
+
+
+def _preflight(req: Request) -> None:
+    """A dump the disk cannot hold is refused after the first probe (fn's output shape), before the
+    coupling check and the plan (see _dump.preflight); a probe that fails is left to the planning."""
+    if not req.dump or req.plan is not None:
+        return
+    spec = req.spec
+    key = probe_cache.key(spec, str(spec.device))
+    try:
+        found = probe_cache.get(None if key is None else key + ("probe",), spec.fn, lambda: probe(spec))
+    except Exception:  # noqa: BLE001 - fn needs the whole batch, say: the planning finds out
+        return
+    preflight(spec, found.out_shape, found.dtype, req.out)
 
 
 def _written(req: Request, seen: Watch) -> list:
@@ -156,26 +173,13 @@ def _resolve_coupling(spec: Spec) -> tuple[Coupling, str | None]:
             f"the exact per-sample blocks as coupled samples: one forward over all {b:,} samples and a product "
             f"per (sample, row); chunkjac.plan(...) shows the cost. If only some samples interact, pass "
             "coupling=<group ids> or a dependency structure (much faster); coupling='coupled' silences this."
-            + _missing_batch_dim(spec))
+            + missing_batch_dim(spec))
     if not found.splittable:
         return unsplittable(b, found.reason), (
             f"chunkjac: the forward pass mixes samples: {found.reason}. The derivatives w.r.t. wrt are "
             f"per-sample, so the sum trick is exact, but only on the whole batch: chunkjac runs all {b:,} samples "
-            "as one chunk. coupling='unsplittable' silences this." + _missing_batch_dim(spec))
+            "as one chunk. coupling='unsplittable' silences this." + missing_batch_dim(spec))
     return independent(b, found.reason), None
-
-
-def _missing_batch_dim(spec: Spec) -> str:
-    """One point passed without its batch dim (torch.rand(3) into Linear(3, ...)) reads as 3 samples
-    of one element each, which interact: ask."""
-    wrt = [t for t in spec.targets if t.batched]
-    if not wrt or any(t.shape != () for t in wrt):
-        return ""
-    i = wrt[0].index
-    shape = tuple(spec.args[i].shape)
-    return (f" Note: input {i} has shape {shape}, read as {spec.batch_size:,} samples of one element each. If it "
-            f"is one sample of {spec.batch_size:,} features, add the batch dim: x.unsqueeze(0), shape (1, "
-            f"{spec.batch_size}).")
 
 
 def _decide(req: Request) -> tuple[Coupling, str, Plan, str | None]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import CouplingWarning, __version__, compute, hessian, plan
+from ._budget import format_bytes
 from ._distributed import launch_rank, launch_world
 
 
@@ -134,6 +135,7 @@ class _MemoryWatch:
 
     def __init__(self):
         self.anon = self.file = 0
+        self.file_before = 0  # mapped file pages before the dump: shared libraries, not the dump's files
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="chunkjac-memory")
         self.available = os.path.exists("/proc/self/status")
@@ -151,6 +153,7 @@ class _MemoryWatch:
     def __enter__(self):
         if self.available:
             self._sample()
+            self.file_before = self.file
             self._thread.start()
         return self
 
@@ -166,9 +169,10 @@ class _MemoryWatch:
         if not self.available:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             return f"{peak_kb / 1e3:,.0f} MB resident (peak RSS of this process)"
-        return (f"{self.anon / 1e6:,.0f} MB of the process's own memory (anonymous pages: the budget governs "
-                f"these, with the interpreter and PyTorch); up to {self.file / 1e6:,.0f} MB of mapped file pages "
-                "(the memory-mapped inputs and output: page cache the OS reclaims)")
+        return (f"{format_bytes(self.anon)} of the process's own memory (anonymous pages: the budget governs "
+                f"these, with the interpreter and PyTorch); up to {format_bytes(max(self.file - self.file_before, 0))} "
+                "of mapped file pages added by the dump (the memory-mapped inputs and output: page cache the OS "
+                "reclaims)")
 
 
 def _plan_cmd(args: argparse.Namespace) -> int:
@@ -188,6 +192,9 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         raise UsageError(f"OUT {out!r}: with --wrt params, OUT is a folder (one .npy per parameter), not a .npy file.")
     if not folder and not out.endswith(".npy"):
         raise UsageError(f"OUT {out!r} must be a path ending in .npy (the file to write).")
+    parent = os.path.dirname(os.path.abspath(out.rstrip("/\\")))
+    if not os.path.isdir(parent):  # before the model is built or probed
+        raise UsageError(f"OUT {out!r}: the directory {parent} does not exist.")
     fn = load_factory(args.factory)
     inputs = _load_inputs(inputs_paths)
     opts = _call_options(args)
@@ -208,7 +215,7 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         per_out = {None: sum(p.in_numels), "laplacian": 1, "diagonal": p.in_numels[0],
                    "full": p.in_numels[0] ** 2}[p.part]
         size = p.batch_size * math.prod(p.out_shape) * per_out * p.dtype.itemsize
-        print(f"      the estimate is compute only; writing {size / 1e9:,.2f} GB to {out} comes on top "
+        print(f"      the estimate is compute only; writing {format_bytes(size)} to {out} comes on top "
               "(at the disk's speed)", flush=True)
     t = time.perf_counter()
     with warnings.catch_warnings(), _MemoryWatch() as watch:
@@ -264,6 +271,20 @@ def _add_call_options(p: argparse.ArgumentParser) -> None:
                         "run and process computes the same bits")
 
 
+def _values_that_start_with_a_dash(argv: list[str]) -> list[str]:
+    """``--budget -3GB``: argparse takes -3GB for an option and says "expected one argument"; joined as
+    ``--budget=-3GB`` it reaches the budget's own check, which says what a budget looks like."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--budget", "--max-seconds", "--chunk-size") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chunkjac",
@@ -298,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_call_options(pl)
     pl.add_argument("inputs", nargs="+", metavar="INPUTS", help="input .npy files, one per positional input")
     pl.set_defaults(run=_plan_cmd)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_values_that_start_with_a_dash(sys.argv[1:] if argv is None else list(argv)))
     if getattr(args, "deterministic", False):
         torch.use_deterministic_algorithms(True)
     if not getattr(args, "run", None):
@@ -314,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"chunkjac: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a dump says what it saved (see _call.run)
+        print(str(e) if str(e).startswith("chunkjac:") else "chunkjac: interrupted.", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001
         # chunkjac's errors say what to do. Anything else was most likely raised by fn on these
         # inputs (a wrong width, a dtype it does not take): one paragraph too, unless asked.

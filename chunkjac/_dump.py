@@ -85,8 +85,7 @@ def _numpy_dtype(dtype: torch.dtype):
 
 
 def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool, job=None) -> Output:
-    (shape,) = result_shapes(spec, plan)
-    return _open_files(spec, plan, path, [(path, shape)], resume, job)
+    return _open_files(spec, plan, *_files(spec, plan.out_shape, path), resume, job)
 
 
 def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool, job=None) -> Output:
@@ -95,9 +94,7 @@ def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool, job=None) ->
         os.makedirs(folder, exist_ok=True)
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"chunkjac: cannot write into {folder}: it is not writable.")
-    names = [str(k) if not isinstance(k, int) else f"input{k}" for k in spec.keys]
-    files = [(os.path.join(folder, f"{n}.npy"), shape) for n, shape in zip(names, result_shapes(spec, plan))]
-    return _open_files(spec, plan, os.path.join(folder, "jacobians"), files, resume, job)
+    return _open_files(spec, plan, *_files(spec, plan.out_shape, folder), resume, job)
 
 
 def _open_files(spec: Spec, plan: Plan, base: str, files: list, resume: bool, job=None) -> Output:
@@ -158,10 +155,10 @@ def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, d
             sink = _sink(path, arrays, m, spec.batch_size, lock, job)
             done, total = len(m["done"]), len(m["chunks"])
             if m["complete"] or done == total:
-                log.info("chunkjac: %s is complete (%d of %d chunks); nothing to do.", path, done, total)
+                log.warning("chunkjac: %s is complete (%d of %d chunks); nothing to do.", path, done, total)
                 return Output(sink, p, m["chunks"], frozenset(m["done"]), complete=True)
             if done:
-                log.info("chunkjac: resuming %s: %d of %d chunks already done.", path, done, total)
+                log.warning("chunkjac: resuming %s: %d of %d chunks already done.", path, done, total)
             return Output(sink, p, m["chunks"], frozenset(m["done"]))
         log.info("chunkjac: resume=False: starting %s over.", path)
     else:
@@ -221,8 +218,9 @@ def _lock(path: str):
     return _Lock(path)
 
 
-def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock, job=None) -> Output:
-    nbytes = sum(math.prod(shape) for _, shape in files) * dtype.itemsize
+def _check_room(path: str, files: list, itemsize: int) -> None:
+    """Refuse a dump the disk cannot hold (a memory-mapped write to a full disk is a SIGBUS)."""
+    nbytes = sum(math.prod(shape) for _, shape in files) * itemsize
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
     free += sum(os.path.getsize(f) for f, _ in files if os.path.exists(f))  # starting over: blocks reused
@@ -231,6 +229,27 @@ def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock, job
         raise OSError(
             f"chunkjac: {where} would take {format_bytes(nbytes)}, but {folder} has {format_bytes(free)} free. Free "
             "disk space or write to another disk.")
+
+
+def _files(spec: Spec, out_shape: tuple, out: str) -> tuple[str, list]:
+    """(manifest base, [(file, shape)]) of a dump to ``out``: one .npy, or one per key in a folder."""
+    shapes = spec.result_shapes(out_shape)
+    if spec.keys is None:
+        return out, [(out, shapes[0])]
+    names = [str(k) if not isinstance(k, int) else f"input{k}" for k in spec.keys]
+    return os.path.join(out, "jacobians"), [(os.path.join(out, f"{n}.npy"), shape) for n, shape in zip(names, shapes)]
+
+
+def preflight(spec: Spec, out_shape: tuple, dtype: torch.dtype, out: str) -> None:
+    """Before any planning: a new dump the disk cannot hold is refused (fn's output shape is known
+    from the first probe; a dump to resume is checked against its own manifest when opened)."""
+    base, files = _files(spec, out_shape, out)
+    if _manifest.load(base) is None and os.path.isdir(os.path.dirname(os.path.abspath(base))):
+        _check_room(base, files, _numpy_dtype(dtype).itemsize)
+
+
+def _create(spec: Spec, plan: Plan, path: str, files: list, dtype, fp, lock, job=None) -> Output:
+    _check_room(path, files, dtype.itemsize)
     # First: a crash from here on leaves no manifest (nor a shared dump's record) claiming old rows.
     for stale in [_manifest.manifest_path(path), *_manifest.records_of(path)]:
         if os.path.exists(stale):

@@ -79,6 +79,10 @@ def _failure(spec: Spec, args: list, e: Exception) -> str:
         have, want = "/".join(sorted(str(d) for d in floats)), "/".join(sorted(str(d) for d in params))
         text += (f"\nThe inputs are {have} but fn's parameters are {want} (numpy arrays are float64): convert "
                  f"one to the other, e.g. x.to({want.split('/')[0]}) or model.to({have.split('/')[0]}).")
+        if any(isinstance(a, Source) for a in spec.args):  # read from .npy files: the command line's inputs
+            np_want = want.split("/")[0].replace("torch.", "np.")
+            text += (f" For a .npy input: np.save(path, np.load(path).astype({np_want})), or cast inside the "
+                     "model's factory.")
     return text
 
 
@@ -131,8 +135,21 @@ def select(spec: Spec, out: Any, n: int) -> torch.Tensor:
             f"chunkjac: {where} has shape {tuple(out.shape)} for a batch of {n} samples, but its leading "
             f"dim must hold those samples: (B, *out) with B={n}. A reduction over the batch (x.sum(0), a loss "
             "with reduction='mean') mixes the samples; return per-sample values instead "
-            "(e.g. reduction='none'), one row per sample.")
+            "(e.g. reduction='none'), one row per sample." + missing_batch_dim(spec))
     return out
+
+
+def missing_batch_dim(spec: Spec) -> str:
+    """One point passed without its batch dim (torch.rand(3) into Linear(3, ...)) reads as 3 samples
+    of one element each: a note that asks, where the batched wrt inputs have per-sample shape ()."""
+    wrt = [t for t in spec.targets if t.batched]
+    if not wrt or any(t.shape != () for t in wrt):
+        return ""
+    i = wrt[0].index
+    shape = tuple(spec.args[i].shape)
+    return (f" Note: input {i} has shape {shape}, read as {spec.batch_size:,} samples of one element each. If it "
+            f"is one sample of {spec.batch_size:,} features, add the batch dim: x.unsqueeze(0), shape (1, "
+            f"{spec.batch_size}).")
 
 
 def _plain_object(obj) -> bool:

@@ -3,6 +3,7 @@ and the kill-and-resume acceptance test in a subprocess."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,8 @@ CLOSE = dict(rtol=1e-5, atol=1e-6)  # float32 in other chunk sizes: another summ
 
 
 def reference(f, x):
-    return chunkjac.compute(f, x)
+    """Independent of chunkjac: torch.func's per-sample Jacobians."""
+    return torch.func.vmap(torch.func.jacrev(f))(x).detach()
 
 
 # out= a tensor -------------------------------------------------------------------------------------
@@ -55,9 +57,9 @@ def test_out_tuple_for_a_tuple_wrt(x):
     outs = (torch.empty(2000, 3, 3), torch.empty(2000, 3, 3))
     r = chunkjac.compute(f, (x, b), wrt=(0, 1), out=outs, chunk_size=700)
     assert r[0] is outs[0] and r[1] is outs[1]
-    ref = chunkjac.compute(f, (x, b), wrt=(0, 1))
-    torch.testing.assert_close(outs[0], ref[0], rtol=0, atol=0)
-    torch.testing.assert_close(outs[1], ref[1], rtol=0, atol=0)
+    ref = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)))(x, b)
+    torch.testing.assert_close(outs[0], ref[0], **CLOSE)
+    torch.testing.assert_close(outs[1], ref[1], **CLOSE)
 
 
 @pytest.mark.parametrize("out, kw, match", [
@@ -361,7 +363,7 @@ def test_cli_dump_then_plan(workdir, capsys):
     sys.path.insert(0, str(workdir))
     try:
         import model
-        ref = chunkjac.compute(model.make(), x)
+        ref = reference(model.make(), x)
     finally:
         sys.path.remove(str(workdir))
     np.testing.assert_allclose(np.load(out), ref.numpy(), rtol=1e-5, atol=1e-6)
@@ -382,7 +384,10 @@ def test_cli_dumps_per_sample_parameter_jacobians(workdir, capsys):
     sys.path.insert(0, str(workdir))
     try:
         import model
-        ref = chunkjac.compute(model.make(), x, wrt="params")
+        net = model.make()
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        ref = torch.func.vmap(torch.func.jacrev(lambda p, z: torch.func.functional_call(net, p, (z[None],))[0]),
+                              in_dims=(None, 0))(params, x)
     finally:
         sys.path.remove(str(workdir))
     for k, v in ref.items():
@@ -399,7 +404,9 @@ def test_cli_dumps_a_laplacian(workdir, capsys):
     sys.path.insert(0, str(workdir))
     try:
         import model
-        ref = chunkjac.laplacian(model.make(), x)
+        net = model.make()
+        h = torch.func.vmap(torch.func.hessian(net))(x)  # (B, out, in, in)
+        ref = h.diagonal(dim1=-2, dim2=-1).sum(-1).detach()
     finally:
         sys.path.remove(str(workdir))
     assert np.load(out).shape == tuple(ref.shape)
@@ -536,3 +543,61 @@ def test_cli_fn_failing_on_the_inputs_and_a_missing_gpu_exit_2(workdir, capsys):
     if not torch.cuda.is_available():
         assert main(["plan", f"{workdir}/model.py:make", str(workdir / "x.npy"), "--device", "cuda"]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+# The command line says what happened (issue 25, section 3) -----------------------------------------
+
+def test_cli_a_negative_budget_reaches_the_budgets_own_message(workdir, capsys):
+    assert main(["plan", f"{workdir}/model.py:make", str(workdir / "x.npy"), "--budget", "-3GB"]) == 2
+    assert "budget='-3GB' is not a memory size" in capsys.readouterr().err
+
+
+def test_cli_sizes_and_memory_are_in_the_units_they_have(workdir, capsys):
+    np.save(workdir / "small.npy", np.zeros((100, 3), dtype=np.float32))
+    out = workdir / "small_jac.npy"
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "small.npy"), str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "writing 3.6 kB to" in text  # 100 x 3 x 3 float32 (it said "0.00 GB")
+    mapped = re.search(r"up to ([\d.]+) (\w?B) of mapped file pages added by the dump", text)
+    assert mapped and float(mapped.group(1)) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[mapped.group(2)] < 50e6
+    assert sorted(os.listdir(workdir)) == ["model.py", "small.npy", "small_jac.npy", "small_jac.npy.chunkjac.json",
+                                           "x.npy"]  # no lock file left behind
+
+
+def test_cli_a_missing_output_folder_is_said_before_the_model_is_built(workdir, capsys):
+    (workdir / "model.py").write_text("raise SystemExit('the factory ran')\n")
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x.npy"), str(workdir / "no" / "j.npy")]) == 2
+    assert "the directory" in capsys.readouterr().err
+
+
+def test_cli_a_float64_npy_gets_the_numpy_cast(workdir, capsys):
+    np.save(workdir / "x64.npy", np.zeros((100, 3)))
+    assert main(["dump", f"{workdir}/model.py:make", str(workdir / "x64.npy"), str(workdir / "j.npy")]) == 2
+    assert "astype(np.float32)" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_dump_says_what_is_saved_and_how_to_go_on(workdir):
+    code = textwrap.dedent(f"""
+        import os, signal, threading, sys
+        sys.path.insert(0, {str(workdir)!r})
+        import numpy as np, torch, chunkjac, model
+        from chunkjac import _sinks
+        _sinks.NpySink.COMMIT_SECONDS = 0.0
+        net, calls, armed = model.make(), [], []
+        def fn(z):
+            calls.append(1)
+            if armed and len(calls) == 8:  # the run's eighth chunk (counted once the plan is made)
+                os.kill(os.getpid(), signal.SIGINT)
+            return net(z)
+        x = np.load({str(workdir / 'x.npy')!r}, mmap_mode="r")
+        out = {str(workdir / 'cc.npy')!r}
+        p = chunkjac.plan(fn, x, out=out, chunk_size=1000)
+        calls.clear()
+        armed.append(True)
+        chunkjac.compute(fn, x, out=out, plan=p)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert re.search(r"KeyboardInterrupt: chunkjac: interrupted: \d+ of 20 chunks are saved in .*cc.npy; run the "
+                     r"same call again to resume", r.stderr), r.stderr[-2000:]
+    assert "_executor" not in r.stderr and "_sinks" not in r.stderr  # one short traceback, not thirty lines

@@ -167,3 +167,68 @@ def test_bad_device():
 def test_device_other_than_the_parameters():
     with pytest.raises(ValueError, match=r"fn's parameters are on cpu; move the model first"):
         chunkjac.compute(lin, x, device="meta")
+
+
+# Errors that say what happened (issue 25, section 3) ----------------------------------------------
+
+@pytest.mark.parametrize("api", [chunkjac.compute, chunkjac.plan, chunkjac.hessian, chunkjac.laplacian])
+def test_a_misspelled_keyword_is_a_type_error_naming_the_closest(api):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'budegt'; did you mean 'budget'\?"):
+        api(lin, x, budegt="1GB")
+
+
+def test_a_plan_made_for_another_wrt_is_refused():
+    m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))  # two weights of 9 elements
+    p = chunkjac.plan(m, x, wrt="0.weight")
+    with pytest.raises(ValueError, match=r"plan= was made for parameter '0.weight'; this call differentiates "
+                                         r"w.r.t. parameter '2.weight'"):
+        chunkjac.compute(m, x, wrt="2.weight", plan=p)
+    torch.testing.assert_close(chunkjac.compute(m, x, wrt="0.weight", plan=p), chunkjac.compute(m, x, wrt="0.weight"))
+
+
+def test_warnings_point_at_the_users_line():
+    attn = nn.MultiheadAttention(4, 1)
+    with pytest.warns(chunkjac.CouplingWarning) as w:
+        chunkjac.compute(lambda z: attn(z, z, z)[0], torch.randn(6, 1, 4))
+    assert w[0].filename == __file__
+
+
+def test_one_point_without_its_batch_dim_is_asked_about():
+    with pytest.warns(chunkjac.CouplingWarning, match=r"input 0 has shape \(3,\).*add the batch dim: x.unsqueeze\(0\)"):
+        chunkjac.compute(nn.Linear(3, 3), torch.rand(3))
+    with pytest.raises(ValueError, match=r"input 0 has shape \(3,\).*add the batch dim: x.unsqueeze\(0\)"):
+        chunkjac.compute(lin, torch.rand(3))
+
+
+def test_an_out_tensor_whose_elements_share_memory_is_refused_before_any_work():
+    out = torch.empty(1, 2, 3).expand(4, 2, 3)
+    calls = []
+    with pytest.raises(ValueError, match=r"out has elements that share memory"):
+        chunkjac.compute(lambda z: calls.append(1) or lin(z), x, out=out)
+    assert not calls
+
+
+def test_a_route_without_a_derivative_points_at_the_route_that_has_one():
+    # Flash attention on the CPU has no double backward: reverse over reverse cannot, Taylor mode can.
+    enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0).eval()
+    xs = torch.randn(6, 5, 8)
+    with pytest.raises(RuntimeError, match=r"With mode='reverse' the route needs that derivative; mode='auto'"):
+        chunkjac.laplacian(enc, xs, mode="reverse")
+    assert chunkjac.laplacian(enc, xs).shape == (6, 5, 8)
+
+
+def test_a_parameter_behind_no_grad_is_not_sent_to_forward_mode():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, z):
+            with torch.no_grad():
+                h = self.a(z)
+            return self.b(torch.tanh(h) * z)
+
+    m = Frozen()
+    with pytest.raises(ValueError, match=r"disagree.*Pass mode='reverse' \(per-sample reverse mode\)"):
+        chunkjac.compute(m, x, wrt="a.weight", mode="forward")
+    assert chunkjac.compute(m, x, wrt="a.weight").abs().max() == 0  # no_grad: no derivative, as autograd says
