@@ -12,7 +12,8 @@ entries at the same positions with the same values), warning CouplingWarning whe
 or raise an error whose message starts with "chunkjac:". Each case is classified:
 
     exact      matches the reference
-    refused    raised an exception whose message starts with "chunkjac:" (a clear error)
+    refused    raised an exception whose message starts with "chunkjac:", or fn's own exception with
+               chunkjac's note naming the chunk it failed on (a clear error)
     raw_error  any other exception escaped chunkjac (a defect)
     wrong      returned a result that differs from the reference (the worst defect)
     crash      the worker process died (segfault, abort, out-of-memory kill)
@@ -23,6 +24,12 @@ or raise an error whose message starts with "chunkjac:". Each case is classified
 Every case also records whether chunkjac warned CouplingWarning (``warned``), whether the reference
 has nonzero off-diagonal blocks (``coupled_ref``) and whether the function is random (two calls on
 the same input differ: then no single exact answer exists).
+
+One process (``--one-process``): by default chunkjac's remembered decisions (``probe_cache``) are cleared
+after every case, so each case is decided as in a fresh process. With --one-process they are kept, as a
+long-running service calling chunkjac with many functions keeps them: a decision reused for a function
+that only looks like an earlier one (the same code, other captured values) shows there as a wrong
+answer or a false refusal. CI runs both.
 
 Crash safety: cases run in worker processes (``--worker``, reading one op or module at a time from
 stdin and streaming one JSON line per case). The parent survives segfaults and timeouts: it marks the
@@ -58,6 +65,7 @@ Run it from the repository root (torch's test catalogues need the ``expecttest``
     python benchmarks/catalogue.py --modules --limit 10 --out /tmp/mods.jsonl
     python benchmarks/catalogue.py --summary /tmp/mods.jsonl   # re-print the summary of a past run
     python benchmarks/catalogue.py --quick --second    # second derivatives, the representative subset
+    python benchmarks/catalogue.py --one-process --jobs 1   # every case in one interpreter, decisions kept
     python benchmarks/catalogue.py --ops --second --parts laplacian,diagonal --filter linalg
 
 Output: a JSON-lines file (``--out``, default $TMPDIR/chunkjac_catalogue.jsonl), one object per case (kind, name,
@@ -86,6 +94,7 @@ import traceback
 import warnings
 
 MAGIC = "@@catalogue@@ "          # worker protocol lines on stdout start with this
+KEEP_DECISIONS = False             # --one-process: chunkjac's remembered decisions kept across cases
 DEFECTS = ("crash", "hang", "wrong", "raw_error")
 CLASSES = ("exact", "refused", "skipped") + DEFECTS
 RTOL, ATOL = 1e-6, 1e-8
@@ -416,10 +425,13 @@ def run_chunkjac(rec: dict, call):
     rec["warned"] = any(issubclass(w.category, chunkjac.CouplingWarning) for w in caught)
     rec["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught
                               if str(w.message).startswith("chunkjac")})
-    chunkjac.probe_cache.clear()
+    if not KEEP_DECISIONS:  # (--one-process keeps them: see main)
+        chunkjac.probe_cache.clear()
     if error is not None:
         msg = str(error).strip()
-        rec.update(cls="refused" if msg.startswith("chunkjac:") else "raw_error",
+        # fn's own exception, its class kept, with chunkjac's context in a note: a clear error too
+        noted = any(str(n).startswith("chunkjac: fn raised") for n in getattr(error, "__notes__", ()))
+        rec.update(cls="refused" if msg.startswith("chunkjac:") or noted else "raw_error",
                    message=first_line(error), where=where(error))
     elif not isinstance(j, torch.Tensor):
         rec.update(cls="wrong", message=f"returned {type(j).__name__}, not a tensor")
@@ -643,8 +655,10 @@ def worker() -> None:
         sys.stdout.flush()
 
     say({"ready": True})
+    global KEEP_DECISIONS
     for line in sys.stdin:
         task = json.loads(line)
+        KEEP_DECISIONS = bool(task.get("keep"))
         kind, index = task["unit"]
         skip = set(task["skip"])
         try:
@@ -725,7 +739,8 @@ class Worker:
 class Driver:
     def __init__(self, units, args):
         self.pending = collections.deque(
-            {"unit": [kind, index], "name": name, "skip": [], "samples": args.samples, "parts": args.second}
+            {"unit": [kind, index], "name": name, "skip": [], "samples": args.samples, "parts": args.second,
+             "keep": args.one_process}
             for kind, index, name in units)
         self.total = len(units)
         self.args = args
@@ -933,6 +948,9 @@ def main(argv=None):
     ap.add_argument("--parts", default=",".join(PARTS), help="with --second: the parts to run, comma-separated "
                     "(default laplacian,diagonal,full)")
     ap.add_argument("--quick", action="store_true", help="a representative subset, under 3 minutes")
+    ap.add_argument("--one-process", action="store_true", help="keep chunkjac's remembered decisions across cases "
+                    "(each worker runs every case it gets in one interpreter without probe_cache.clear()): where a "
+                    "decision wrongly remembered for a look-alike function shows. With --jobs 1, one process")
     ap.add_argument("--summary", metavar="JSONL", help="only print the summary of an earlier run's file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -951,6 +969,7 @@ def main(argv=None):
             return summarize([json.loads(l) for l in fh if l.strip()])
     units = list_units(args)
     print(f"{len(units)} ops/modules, up to {args.samples} samples each, {args.jobs} workers"
+          + (", decisions kept across cases (one process per worker)" if args.one_process else "")
           + (f", second derivatives ({', '.join(args.second)})" if args.second else "") + f" -> {args.out}",
           file=sys.stderr)
     t0 = time.time()

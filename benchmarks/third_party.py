@@ -1,11 +1,14 @@
 """chunkjac on real third-party models, randomly initialised, called as a new user would call it.
 
-Each case runs in its own subprocess (crash-safe, 120 s timeout) and is compared with an independent
+Each case runs in its own subprocess (crash-safe, 120 s timeout), or with --one-process all of them in one
+interpreter, chunkjac's remembered decisions kept from case to case (a new interpreter after a crash), and
+is compared with an independent
 float64 reference: ``vmap(jacrev(...))`` per sample where samples are independent, else the diagonal
 blocks of ``torch.autograd.functional.jacobian`` of the whole batch, or a loop. Outcomes:
 
     exact      matches the reference (relative error within the tolerance of the dtype)
     refused    raised an exception whose message starts with "chunkjac:"
+    fn_error   fn's own exception (its class kept), with chunkjac's note naming the chunk (PEP 678)
     raw_error  another exception escaped chunkjac.compute
     wrong      returned a result of the wrong shape or values
     crash      the process died (signal, e.g. a segfault) or exited without a record
@@ -17,7 +20,7 @@ The "expect" column is what a user would want: exact, refused (a chunkjac error 
 error (refused, or the model's own error passed through); "ok" marks the cases that behave so.
 CouplingWarnings and other chunkjac warnings are shown after "warned".
 
-    python benchmarks/third_party.py [--filter SUBSTRING] [--timeout 120] [--json results.json]
+    python benchmarks/third_party.py [--filter SUBSTRING] [--timeout 120] [--json results.json] [--one-process]
     python benchmarks/third_party.py --list
 
 Optional packages (pure Python, install without touching torch):
@@ -184,6 +187,28 @@ def c_pyg_gcn_200():
 @case(what="GCNConv, one connected graph, coupling='coupled'")
 def c_pyg_gcn_coupled():
     return _pyg("GCNConv", coupling="coupled")
+
+
+def _gcn2(hops):
+    pyg = need("torch_geometric.nn")
+    import torch
+    import chunkjac
+    torch.manual_seed(0)
+    c1, c2 = pyg.GCNConv(4, 8).double(), pyg.GCNConv(8, 2).double()
+    x, ei = torch.randn(30, 4, dtype=torch.float64), random_graph(30, 3)
+    gcn = lambda z: c2(torch.tanh(c1(z, ei)), ei)  # noqa: E731
+    coupling = ei if hops == 1 else chunkjac.hops(ei, hops)
+    return Trial(lambda: chunkjac.compute(gcn, x, coupling=coupling), lambda: ref_diag(gcn, x), F64_TOL)
+
+
+@case(expect="refused", what="2-layer GCN, coupling=edge_index (1-hop; outputs depend on 2-hop neighbours)")
+def c_pyg_gcn2_one_hop():
+    return _gcn2(1)
+
+
+@case(what="2-layer GCN, coupling=chunkjac.hops(edge_index, 2)")
+def c_pyg_gcn2_two_hops():
+    return _gcn2(2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -718,6 +743,70 @@ def c_numpy_input_f64():
                  note="exact would also be acceptable")
 
 
+@case(what="Laplacian of Linear -> LayerNorm -> Linear with create_graph=True, then its parameter gradient "
+           "(PyTorch's third derivative of layer_norm is wrong: the route must be right one order higher)")
+def c_layernorm_create_graph():
+    import torch
+    import chunkjac
+    from torch import nn
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def call():
+        mm = copy.deepcopy(m)
+        chunkjac.laplacian(mm, x, create_graph=True).sum().backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in mm.parameters()])
+
+    def ref():  # central differences of per-sample autograd Laplacians
+        base = torch.nn.utils.parameters_to_vector(m.parameters()).detach()
+        mm, g = copy.deepcopy(m), torch.zeros_like(base)
+        for k in range(base.numel()):
+            for sign in (1, -1):
+                v = base.clone()
+                v[k] += sign * 1e-6
+                torch.nn.utils.vector_to_parameters(v, mm.parameters())
+                lap = sum(torch.autograd.functional.hessian(lambda z: mm(z[None])[0, 0], xi).trace() for xi in x)
+                g[k] += sign * lap / 2e-6
+        return g
+    return Trial(call, ref, 1e-6)
+
+
+@case(what="CNN with BatchNorm in training, wrt='params', coupling='coupled' (a bias BatchNorm removes)")
+def c_bn_cnn_params_coupled():
+    import torch
+    import chunkjac
+    from torch import nn
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2)).double()
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    names = [k for k, _ in m.named_parameters()]
+    ref_m = copy.deepcopy(m)
+
+    def ref():
+        full = torch.autograd.functional.jacobian(
+            lambda *ps: torch.func.functional_call(ref_m, dict(zip(names, ps)), (x,)),
+            tuple(p.detach() for p in m.parameters()))
+        return torch.cat([r.reshape(6, 2, -1) for r in full], -1)
+    return Trial(lambda: chunkjac.compute(m, x, wrt="params", coupling="coupled", flat=True), ref, F64_TOL)
+
+
+@case(expect="refused", what="opacus GradSampleModule refused, then the user's own backward (the refusal must "
+                              "leave the module as it was)")
+def c_opacus_refused_then_backward():
+    import torch
+    import chunkjac
+    net, gsm = _opacus_model()
+    x = torch.randn(32, 6)
+
+    def call():
+        try:
+            chunkjac.compute(gsm, x)
+        finally:
+            gsm(x).sum().backward()  # fails inside Opacus if the refused call left state behind
+    return Trial(call, None, shape=())
+
+
 # ----------------------------------------------------------------------------------------------------
 # running
 
@@ -763,7 +852,9 @@ def run_case(name: str) -> dict:
     rec["note"] = trial.note
     if err is not None:
         msg = str(err).strip()
-        rec["status"] = "refused" if msg.startswith("chunkjac:") else "raw_error"
+        # fn's own exception comes back as itself, with chunkjac's context in a note (PEP 678)
+        noted = any(str(n).startswith("chunkjac: fn raised") for n in getattr(err, "__notes__", ()))
+        rec["status"] = "refused" if msg.startswith("chunkjac:") else "fn_error" if noted else "raw_error"
         rec["detail"] = first_line(err)
         if rec["status"] == "raw_error":
             rec["where"] = where(err)
@@ -814,17 +905,75 @@ def run_isolated(name: str, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def run_in_one_process(names: list, timeout: float):
+    """--one-process: every case in one interpreter, one after the other (chunkjac's remembered
+    decisions kept across cases, as in a long-running service); a crash or hang ends that interpreter,
+    and a new one goes on with the cases after it. Yields the records in order."""
+    import queue
+    import threading
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pending = list(names)
+    while pending:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--children", json.dumps(pending)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout] + [lines.put(None)], daemon=True).start()
+        current, t = None, time.perf_counter()
+        while pending:
+            try:
+                line = lines.get(timeout=timeout)
+            except queue.Empty:
+                proc.kill()
+                yield {"case": current or pending[0], "status": "hang", "detail": f"no answer within {timeout:.0f} s"}
+                pending.remove(current or pending[0])
+                break
+            if line is None:  # the interpreter died in the middle of ``current``
+                rc = proc.wait()
+                how = f"killed by {signal_name(-rc)}" if rc < 0 else f"exit {rc}"
+                name = current or pending[0]
+                yield {"case": name, "status": "crash", "detail": f"{how} (one process)",
+                       "seconds": round(time.perf_counter() - t, 1)}
+                pending.remove(name)
+                break
+            if line.startswith("start "):
+                current, t = line.split(" ", 1)[1].strip(), time.perf_counter()
+            elif line.startswith("{"):
+                rec = json.loads(line)
+                pending.remove(rec["case"])
+                current = None
+                yield rec
+        proc.kill()
+        proc.wait()
+
+
+def signal_name(n: int) -> str:
+    import signal
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--filter", default="", help="run only the cases whose name contains this substring")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", help="also write the records to this file")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--one-process", action="store_true", help="every case in one interpreter, one after the "
+                    "other, chunkjac's remembered decisions kept across cases (a new interpreter after a crash)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--children", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         sys.path.insert(0, ROOT)
         print(json.dumps(run_case(a.child)), flush=True)
+        return 0
+    if a.children:
+        sys.path.insert(0, ROOT)
+        for name in json.loads(a.children):
+            print(f"start {name}", flush=True)
+            print(json.dumps(run_case(name)), flush=True)
         return 0
     names = [n for n in CASES if a.filter in n]
     if a.list:
@@ -836,10 +985,11 @@ def main(argv=None):
         return 2
     records = []
     print(f"{'case':26} {'status':11} {'expect':8} {'ok':3} {'s':>6}  detail", flush=True)
-    for n in names:
-        rec = run_isolated(n, a.timeout)
+    runs = run_in_one_process(names, a.timeout) if a.one_process else (run_isolated(n, a.timeout) for n in names)
+    for rec in runs:
+        n = rec["case"]
         rec["expect"] = CASES[n][1]
-        want = {"error": ("refused",), "either": ("exact", "refused")}.get(rec["expect"], (rec["expect"],))
+        want = {"error": ("refused", "fn_error"), "either": ("exact", "refused")}.get(rec["expect"], (rec["expect"],))
         rec["ok"] = rec["status"] in want + ("skipped",)
         records.append(rec)
         sec = rec.get("seconds")

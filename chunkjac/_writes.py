@@ -41,10 +41,13 @@ class _Write(Exception):
 
 
 def _storage(t: torch.Tensor) -> int | None:
+    """The address of t's storage; None where it has none (meta tensors, functorch wrappers) or it is
+    empty (every empty storage is at address 0: no write can reach it)."""
     try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, functorch wrappers)
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
         return None
+    return s.data_ptr() if s.nbytes() else None
 
 
 # Ops that write arguments their schema does not mark as written: the running statistics of the
