@@ -6,11 +6,15 @@
 # another size writes past the chunk: batch_norm in training mode given per-sample running
 # statistics (in_dims=0 where they are per channel) writes C entries through a view of n < C rows,
 # past the end of the storage, and the process dies later (SIGSEGV) in whatever touches that heap.
-# PyTorch's kernel does not check the size (reproduction in docs/guarantees.md). So before any
-# other pass (the coupling check, the probes, the run), fn runs once on a small window under a
-# dispatch mode that sees every op before its kernel runs: an op whose schema marks an argument as
-# written (``Tensor(a!)``, ``out=``) and whose argument shares storage with a batched input is
-# stopped there, before it writes, and the call refused. Writes into shared inputs (in_dims=None:
+# PyTorch's kernel does not check the size. So before any other pass (the coupling check, the
+# probes, the run), fn runs once on a small window under a torch-function mode that sees every torch
+# call before it runs: a call that writes an argument in place (an in-place method or operator,
+# ``out=``, a ``torch.ops`` op whose schema marks the argument ``(a!)``, and the batch norms, whose
+# running statistics no schema declares) into memory shared with a batched input is stopped there,
+# before it writes, and the call refused; what that mode cannot see (a C++ extension writing
+# through ``.data``) is caught after the run by comparing the batched inputs' values. (A dispatch mode
+# would see below the Python API, but entering one imports torch._dynamo: 1.3 s of every fresh
+# process's first call.) Writes into shared inputs (in_dims=None:
 # running statistics passed whole) are allowed; they are undone after the call like module buffers
 # (_function.as_it_was). The verdict is remembered with the call's other decisions (see _memo).
 # If fn cannot run under the dispatch mode (a compiled or exotic fn), nothing is concluded and the
@@ -19,7 +23,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from ._function import FnError, call, chunk_args
 from ._inputs import Source
@@ -50,34 +54,63 @@ def _storage(t: torch.Tensor) -> int | None:
     return s.data_ptr() if s.nbytes() else None
 
 
-# Ops that write arguments their schema does not mark as written: the running statistics of the
-# batch norms in training mode (aten::native_batch_norm predates the (a!) annotations).
-_UNDECLARED = {"native_batch_norm": (3, 4), "cudnn_batch_norm": (3, 4), "miopen_batch_norm": (3, 4)}
+# The batch norms write their running statistics in training mode, and no schema says so
+# (aten::native_batch_norm predates the (a!) annotations): where each takes (running_mean,
+# running_var) and its training flag, by position and keyword; None: always (_batch_norm_with_update).
+def _norms() -> dict:
+    F = torch.nn.functional
+    table = {F.batch_norm: (1, 2, 5, "training"), F.instance_norm: (1, 2, 5, "use_input_stats"),
+             torch.instance_norm: (3, 4, 5, "use_input_stats")}
+    for name in ("batch_norm", "native_batch_norm", "_native_batch_norm_legit", "cudnn_batch_norm",
+                 "miopen_batch_norm"):
+        if hasattr(torch, name):
+            table[getattr(torch, name)] = (3, 4, 5, "training")
+    by_name = {"native_batch_norm": (3, 4, 5, "training"), "_native_batch_norm_legit": (3, 4, 5, "training"),
+               "cudnn_batch_norm": (3, 4, 5, "training"), "miopen_batch_norm": (3, 4, 5, "training"),
+               "batch_norm": (3, 4, 5, "training"), "instance_norm": (3, 4, 5, "use_input_stats"),
+               "_batch_norm_with_update": (3, 4, None, None)}
+    return table, by_name
+
+
+_NORMS, _NORMS_BY_OP = _norms()
+_INPLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                      "__imatmul__"}
 
 
 def _writes(func, args, kwargs):
-    """(argument name, value, undeclared) of each argument ``func`` writes in place."""
-    schema = func._schema
-    for k, arg in enumerate(schema.arguments):
-        info = arg.alias_info
-        if info is not None and info.is_write:
-            yield arg.name, args[k] if k < len(args) else kwargs.get(arg.name), False
-    undeclared = _UNDECLARED.get(schema.name.split("::")[-1])
-    if undeclared and len(args) > 5 and args[5]:  # training=True
-        for k in undeclared:
-            yield schema.arguments[k].name, args[k], True
+    """(argument name, value, undeclared) of each argument the torch call ``func`` writes in place."""
+    name = getattr(func, "__name__", "")
+    schema = getattr(func, "_schema", None)
+    if schema is not None:  # a torch.ops overload: its schema says
+        for k, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                yield arg.name, args[k] if k < len(args) else kwargs.get(arg.name), False
+        name = schema.name.split("::")[-1]
+    elif (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS:
+        if args:
+            yield "self", args[0], False
+    if "out" in kwargs:
+        yield "out", kwargs["out"], False
+    norm = _NORMS_BY_OP.get(name) if schema is not None else _NORMS.get(func)
+    if norm is not None:
+        mean, var, at, flag = norm
+        training = True if at is None else (args[at] if len(args) > at else kwargs.get(flag, flag == "use_input_stats"))
+        if training:
+            for k, key in ((mean, "running_mean"), (var, "running_var")):
+                yield key, args[k] if len(args) > k else kwargs.get(key), True
 
 
-class _Watch(TorchDispatchMode):
-    """Stops an op that would write into a batched input's memory; records writes into shared ones.
-    ``batched``: storage -> (input index, whether fn gets a copy: an input read from a file or a
-    Dataset, which fn may write within its bounds)."""
+class _Watch(TorchFunctionMode):
+    """Stops a torch call that would write into a batched input's memory; records writes into shared
+    ones. ``batched``: storage -> (input index, whether fn gets a copy: an input read from a file or
+    a Dataset, which fn may write within its bounds)."""
 
     def __init__(self, batched: dict[int, tuple[int, bool]], shared: dict[int, int]):
         super().__init__()
         self.batched, self.shared, self.written = batched, shared, set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for name, v, undeclared in _writes(func, args, kwargs):
             for t in v if isinstance(v, (list, tuple)) else (v,):
@@ -88,9 +121,10 @@ class _Watch(TorchDispatchMode):
                     index, copy = self.batched[s]
                     # A copy may be written where the op stays inside it: a declared write always
                     # does; a batch norm writes C = input.shape[1] entries, whatever it is given.
-                    inside = not undeclared or (args[0].dim() > 1 and t.numel() == args[0].shape[1])
+                    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                    inside = not undeclared or (x is not None and x.dim() > 1 and t.numel() == x.shape[1])
                     if not (copy and inside):
-                        raise _Write(index, func, name)
+                        raise _Write(index, getattr(func, "__name__", func), name)
                 if s in self.shared:
                     self.written.add(self.shared[s])
         return func(*args, **kwargs)

@@ -316,7 +316,7 @@ def test_an_in_place_write_into_a_batched_input_is_refused_before_it_happens():
             t.mul_(2)  # writes the user's second input
         return z * t
 
-    with pytest.raises(ValueError, match=r"fn writes in place into input 1, a batched input \(aten.mul_"):
+    with pytest.raises(ValueError, match=r"fn writes in place into input 1, a batched input \(mul_ writes"):
         chunkjac.compute(fn, (x, x.clone()))
     assert torch.equal(x, keep)
 
