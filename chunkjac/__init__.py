@@ -3,17 +3,18 @@
     J = chunkjac.compute(model, x, budget="20GB")     # (B, *out, *in), J[i] = dy_i/dx_i
 """
 from ._api import compute, hessian, laplacian, plan
-from ._call import probe_cache
+from ._call import plan_cache, probe_cache
 from ._declared import hops
 from ._errors import BudgetError, CouplingError, CouplingWarning, DistributedError, TooLongError
 from ._graph import jacobian_of
 from ._memo import ProbeCache
 from ._plan import Plan
+from ._plancache import PlanCache
 from ._version import __version__
 
 __all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "hops", "Plan", "BudgetError", "CouplingError",
            "CouplingWarning", "DistributedError", "TooLongError",
-           "ProbeCache", "probe_cache", "__version__"]
+           "ProbeCache", "probe_cache", "PlanCache", "plan_cache", "__version__"]
 
 
 def __dir__() -> list[str]:

@@ -5,32 +5,40 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from . import _distributed, _manifest
 from ._budget import parse_budget
-from ._check import check_forward_mode, check_higher_order, check_second_order
+from ._check import check_higher_order, forward_mode_verdict
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._declared import check as check_declared
 from ._detect import check as check_coupling
 from ._dump import open_output, preflight
 from ._probe import probe
-from ._errors import CouplingWarning, ForwardModeMismatch, TooLongError, first_line, is_out_of_memory, warn
+from ._errors import CouplingWarning, TooLongError, first_line, is_out_of_memory, warn
 from ._executor import execute
-from ._function import FnError, as_it_was, missing_batch_dim
+from ._function import FnError, as_it_was, missing_batch_dim, preserved_buffers
 from ._memo import ProbeCache, Watch, argument_key, identity, watch
 from ._memory import free_bytes
-from ._plan import Plan, make_coupled_plan, make_plan
+from ._plan import Plan
+from ._plancache import PlanCache
+from ._planner import estimate, make_coupled_plan, make_plan
 from ._request import Request
 from ._spec import Spec, evolve
+from ._strategies import STRATEGIES
 from ._writes import written_inputs
 
 log = logging.getLogger("chunkjac")
 probe_cache = ProbeCache()
 """The decisions and probe results calls reuse (see [What a remembered decision is keyed on] in
 _memo): ``probe_cache.clear()`` empties it, ``probe_cache.enabled = False`` decides at every call."""
+plan_cache = PlanCache()
+"""Plans runs settled on, kept on disk for the next process (see [A plan that survives the process]
+in _plancache): ``plan_cache.clear()`` empties it, ``plan_cache.enabled = False`` (or the environment's
+CHUNKJAC_PLAN_CACHE=0) neither reads nor writes it."""
 
 
 def run(req: Request):
@@ -45,13 +53,14 @@ def run(req: Request):
             return _run_sharded(job, req, seen, written)
         versions = _versions(req.spec.args, written)
         _preflight(req)
-        spec, p = prepare(req, seen)
+        spec, p, settle = prepare(req, seen)
         _check_unmodified(spec.args, versions)
         _refuse_too_long(p)
         o = open_output(spec, p, req.out, req.resume)
         try:
             _check_resumed_plan(spec, o, p)
-            result = execute(spec, o.plan, progress=req.progress, sink=o.sink, units=o.units, skip=o.skip)
+            result = execute(spec, o.plan, progress=req.progress, sink=o.sink, units=o.units, skip=o.skip,
+                             decided=settle)
         except KeyboardInterrupt:
             if o.units is None:
                 raise
@@ -74,7 +83,9 @@ def plan_only(req: Request) -> Plan:
         also(written)
         versions = _versions(req.spec.args, written)
         _preflight(req)
-        p = prepare(req, seen)[1]
+        spec, p, _ = prepare(req, seen)
+        with preserved_buffers(spec.fn):
+            p = estimate(spec, p, probe_cache)  # a plan asked for shows what the run will take
         _check_unmodified(req.spec.args, versions)
     return p
 
@@ -120,22 +131,38 @@ def _check_unmodified(args, versions) -> None:
                 "Write fn without in-place operations on its inputs (x = x / 2, not x /= 2), or clone inside fn.")
 
 
-def prepare(req: Request, seen: Watch) -> tuple[Spec, Plan]:
+class Decision(NamedTuple):
+    """What ``prepare`` decided: the spec (coupling and mode resolved), the plan, and ``settle(plan)``
+    for the plan a run settles on after timing the plan's trials (remembered in place of it)."""
+
+    spec: Spec
+    plan: Plan
+    settle: Callable[[Plan], None]
+
+
+def prepare(req: Request, seen: Watch) -> Decision:
     """The spec with its coupling and mode decided, and the plan: a recorded one (``plan=``), one
     remembered from an earlier call with the same guard (see [What a remembered decision is keyed on]
-    in _memo), or a new one. ``seen``: the walk of fn and the inputs (``watch``)."""
+    in _memo), or a new one (from a plan an earlier process settled on, see _plancache, where there
+    is one). ``seen``: the walk of fn and the inputs (``watch``)."""
     spec = req.spec
     if req.plan is not None:
         spec, p = _pinned(req)
         _check_outputs(p, spec.return_outputs)
-        return spec, p
-    coupling, mode, p, warning = probe_cache.get(_decision_key(req, seen.key), spec.fn, lambda: _decide(req),
-                                                 every=probe_cache.recheck_every, state=seen.state)
+        return Decision(spec, p, lambda q: None)
+    key = _decision_key(req, seen.key)
+    coupling, mode, p, warning, on_disk = probe_cache.get(key, spec.fn, lambda: _decide(req, seen.key),
+                                                          every=probe_cache.recheck_every, state=seen.state)
     if warning is not None:
         warn(warning, CouplingWarning)
     spec = evolve(spec, coupling=coupling, mode=mode)
     _check_outputs(p, spec.return_outputs)
-    return spec, p
+
+    def settle(q: Plan) -> None:
+        probe_cache.update(key, lambda v: (*v[:2], q, *v[3:]))
+        plan_cache.store(on_disk, q)
+
+    return Decision(spec, p, settle)
 
 
 def _decision_key(req: Request, guard: tuple | None) -> tuple | None:
@@ -182,14 +209,17 @@ def _resolve_coupling(spec: Spec) -> tuple[Coupling, str | None]:
     return independent(b, found.reason), None
 
 
-def _decide(req: Request) -> tuple[Coupling, str, Plan, str | None]:
-    """(coupling, mode, plan, warning text): the coupling check, the plan, the forward-mode check."""
+def _decide(req: Request, guard: tuple | None = None) -> tuple[Coupling, str, Plan, str | None, str | None]:
+    """(coupling, mode, plan, warning text, plan cache key): the coupling check, the plan (from the
+    plan cache's entry where ``guard`` finds one), the strategy's checks."""
     spec = req.spec
-    budget_bytes = parse_budget(req.budget, free_bytes(spec.device))
+    free = free_bytes(spec.device)
+    budget_bytes = parse_budget(req.budget, free)
+    on_disk = plan_cache.key(guard, _options(req), spec.device, budget_bytes, free)
     coupling, warning = _resolve_coupling(spec)
     spec = dataclasses.replace(spec, coupling=coupling)
     try:
-        p = _make_plan(spec, req, budget_bytes)
+        p = _make_plan(spec, req, budget_bytes, plan_cache.load(on_disk))
     except FnError as e:
         whole = _whole_batch(spec, e)
         if whole is None:
@@ -201,27 +231,30 @@ def _decide(req: Request) -> tuple[Coupling, str, Plan, str | None]:
         spec, p = _per_sample_products(spec, req, budget_bytes, e)
     if req.check_coupling:
         check_declared(spec, p)  # group ids or a graph: see [Checking a declared coupling]
-    if spec.part is not None:
-        why = check_second_order(spec, p)
-        if why is not None:
-            if spec.mode == "forward":
-                raise ValueError(f"chunkjac: Taylor mode (mode='forward') cannot give fn's exact second derivatives: "
-                                 f"{why}. Pass mode='auto' or mode='reverse' (reverse over reverse).")
-            # See [Why Taylor mode is cross-checked]: reverse over reverse gives them exactly.
-            spec = dataclasses.replace(spec, mode="reverse")
-            p = _make_plan(spec, req, budget_bytes)
-        if spec.create_graph:
-            spec, p = _right_one_order_higher(spec, req, p, budget_bytes)
-        return spec.coupling, spec.mode, p, warning
-    mismatch = _forward_verdict(spec, p)
-    if mismatch is not None:
+    failed = STRATEGIES[p.strategy].check(spec, p)
+    if failed is not None:
         if spec.mode != "auto":
-            raise mismatch
-        # auto: an op's forward-mode formula is wrong here (max_unpool with repeated indices), and
-        # reverse mode gives these derivatives exactly: plan that instead.
+            raise failed
+        # auto: an op's forward-mode (or Taylor-mode) formula is wrong here (max_unpool with repeated
+        # indices, linalg.solve's second derivatives), and reverse mode gives these derivatives exactly
+        # (see [Why forward mode is cross-checked] and [Why Taylor mode is cross-checked] in _check).
         spec = dataclasses.replace(spec, mode="reverse")
         p = _make_plan(spec, req, budget_bytes)
-    return spec.coupling, spec.mode, p, warning
+    if p.trials:  # a candidate the run may switch to is checked as the plan is
+        p = dataclasses.replace(p, trials=tuple(q for q in p.trials if STRATEGIES[q.strategy].check(spec, q) is None))
+    if spec.create_graph and spec.part is not None:
+        spec, p = _right_one_order_higher(spec, req, p, budget_bytes)
+    if not p.trials:  # (with trials: the run's choice, see Decision.settle)
+        plan_cache.store(on_disk, p)
+    return spec.coupling, spec.mode, p, warning, on_disk
+
+
+def _options(req: Request) -> tuple:
+    """The call's options that shape a plan, as the plan cache keys them (see _plancache)."""
+    spec = req.spec
+    return (spec.batch_size, spec.mode, tuple((t.kind, t.index, t.name) for t in spec.targets), repr(spec.output),
+            spec.create_graph, req.coupling if isinstance(req.coupling, str) else "declared", repr(req.budget),
+            req.chunk_size, req.max_seconds, spec.part, spec.return_jacobian, spec.to_memory, req.check_coupling)
 
 
 def _per_sample_products(spec: Spec, req: Request, budget_bytes: int, e: Exception) -> tuple[Spec, Plan]:
@@ -249,14 +282,13 @@ def _right_one_order_higher(spec: Spec, req: Request, p: Plan, budget_bytes: int
     why = check_higher_order(spec, p)
     if why is None:
         return spec, p
-    route = {"taylor": "Taylor mode", "double_backward": "reverse over reverse"}[p.strategy]
-    other = "reverse" if p.strategy == "taylor" else "forward"
+    route = STRATEGIES[p.strategy].route
+    other = "reverse" if "forward" in p.modes else "forward"
     if spec.mode == "auto":
         alt = dataclasses.replace(spec, mode=other)
         try:
             q = _make_plan(alt, req, budget_bytes)
-            ok = (q.strategy == "double_backward" or check_second_order(alt, q) is None) and \
-                check_higher_order(alt, q) is None
+            ok = STRATEGIES[q.strategy].check(alt, q) is None and check_higher_order(alt, q) is None
         except Exception:  # noqa: BLE001 - the other route cannot run fn: the refusal below says why
             ok = False
         if ok:
@@ -286,9 +318,10 @@ def _whole_batch(spec: Spec, e: FnError) -> Coupling | None:
     return dataclasses.replace(c, bounds=np.array([0, spec.batch_size]), reason=f"{c.reason}; {why}")
 
 
-def _make_plan(spec: Spec, req: Request, budget_bytes: int) -> Plan:
+def _make_plan(spec: Spec, req: Request, budget_bytes: int, remembered: dict | None = None) -> Plan:
     if spec.coupling.kind == "independent":
-        p = make_plan(spec, spec.device, budget_bytes, chunk_size=req.chunk_size, cache=probe_cache)
+        p = make_plan(spec, spec.device, budget_bytes, chunk_size=req.chunk_size, cache=probe_cache,
+                      remembered=remembered)
     else:
         p = make_coupled_plan(spec, spec.coupling, spec.device, budget_bytes, chunk_size=req.chunk_size,
                               cache=probe_cache, max_seconds=req.max_seconds)
@@ -297,17 +330,6 @@ def _make_plan(spec: Spec, req: Request, budget_bytes: int) -> Plan:
 
 def _targets(spec: Spec) -> tuple[str, ...]:
     return tuple(f"input {t.index}" if t.kind == "input" else f"parameter {t.name!r}" for t in spec.targets)
-
-
-def _forward_verdict(spec: Spec, p: Plan) -> ForwardModeMismatch | None:
-    """The cross-check of a forward-mode plan (see _check): None, or the disagreement."""
-    if "forward" not in p.modes or p.part is not None:
-        return None
-    try:
-        check_forward_mode(spec, p)
-    except ForwardModeMismatch as e:
-        return e
-    return None
 
 
 def _pinned(req: Request) -> tuple[Spec, Plan]:
@@ -344,7 +366,7 @@ def _refuse_too_long(p: Plan) -> None:
 def _check_resumed_plan(spec: Spec, o, p: Plan) -> None:
     """A resumed dump runs its own recorded plan: cross-check its forward mode as a new plan is."""
     if not o.complete and o.plan is not p:
-        mismatch = _forward_verdict(spec, o.plan)
+        mismatch = forward_mode_verdict(spec, o.plan)
         if mismatch is not None:
             raise mismatch
 
@@ -362,7 +384,7 @@ def _run_sharded(job: _distributed.Job, req: Request, seen: Watch, written: list
             if device is not None:
                 given = dataclasses.replace(given, device=torch.device(device))
             req = req.with_plan(given)
-        spec, p = prepare(req, seen)
+        spec, p, _ = prepare(req, seen)
         if job.rank == 0:
             job.publish("plan", p)
             log.info("chunkjac: plan, shared by %d processes: %s", job.world, p)

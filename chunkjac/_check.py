@@ -28,6 +28,17 @@ from ._strategies.coloured import forward_refused
 _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
+def forward_mode_verdict(spec: Spec, plan: Plan) -> ForwardModeMismatch | None:
+    """The cross-check of a plan's forward-mode targets (first derivatives): None, or the disagreement."""
+    if "forward" not in plan.modes or plan.part is not None:
+        return None
+    try:
+        check_forward_mode(spec, plan)
+    except ForwardModeMismatch as e:
+        return e
+    return None
+
+
 def check_forward_mode(spec: Spec, plan: Plan) -> None:
     ks = [k for k, m in enumerate(plan.modes) if m == "forward"]
     if not ks:

@@ -1,8 +1,24 @@
 """The executor: carries a plan out, chunk by chunk, from the strategy into the sink.
 
 It streams batched inputs to the compute device (on CUDA, the next chunk's copy overlaps the current
-chunk's compute on a side stream), shows progress, and backs off on out-of-memory errors: free what
+chunk's compute on a side stream), shows progress, times the plan's other candidates on its first
+chunks (see [Timing on the run's first chunks]), and backs off on out-of-memory errors: free what
 it can, halve the chunk, retry the same samples, keep the smaller size for the rest of the run.
+
+# NOTE: [Timing on the run's first chunks]
+# Candidates the cost model cannot tell apart (all rows in one vectorised call or one per call: sin
+# runs 3x faster vectorised, the PINN MLP 1.3x faster looped) ride along with the plan as
+# ``Plan.trials``, and the run's own first chunks time them, keeping their results (every candidate
+# is exact; they differ in rounding only). The first chunk runs the plan (it pays the allocator's
+# and the caches' first use); then the chunks alternate between a trial and the plan. A trial
+# slower than the plan's best chunk so far is dropped after one chunk; one faster gets a second
+# chunk, and the run switches to it only if its best is under SWITCH x the plan's best (single
+# timings vary by 20-40% on a loaded 2-core machine: only a clear gap may switch). So a candidate
+# that loses runs on one chunk of the run, and the planner offers trials only to runs of at least
+# TRIAL_CHUNKS chunks per trial (see _planner). Only chunks of the full size are timed. What the
+# run decided goes to ``decided`` (the call's memo and the plan cache keep it: the next call, or a
+# rerun of the script, times nothing). Under torch.use_deterministic_algorithms(True) the planner
+# offers no trials: every run computes the same bits.
 """
 from __future__ import annotations
 
@@ -27,6 +43,7 @@ from ._spec import Spec
 from ._strategies import STRATEGIES
 
 LONG_RUN_SECONDS = 10.0  # progress=None shows a bar for runs predicted to take longer
+SWITCH = 0.8
 
 
 def _show_progress(progress, plan: Plan) -> bool:
@@ -34,6 +51,60 @@ def _show_progress(progress, plan: Plan) -> bool:
         long = plan.seconds is not None and plan.seconds > LONG_RUN_SECONDS
         return long and sys.stderr.isatty()
     return bool(progress)
+
+
+class _Trials:
+    """Which plan runs the next chunk, while the trials are timed (see [Timing on the run's first
+    chunks]); ``plan`` once decided."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.queue = list(plan.trials)   # trials to time, in turn
+        self.best: dict = {}             # id of a plan -> its best seconds per sample
+        self.tries: dict = {}            # id of a trial -> chunks timed
+        self.turn = 0
+        self.done = not self.queue
+
+    def next(self) -> Plan:
+        """The plan for the next chunk: the plan on the first two (the first one untimed), then a trial
+        and the plan in turn."""
+        if self.done or self.turn < 2 or self.turn % 2:
+            return self.plan
+        return self.queue[0]
+
+    def timed(self, q: Plan, seconds: float, n: int, full: bool) -> None:
+        self.turn += 1
+        if not full:  # a unit's short last chunk: not comparable
+            return
+        if q is self.plan and self.turn == 1:
+            self.best[id(q)] = float("inf")  # the first chunk warms up: not counted
+            return
+        per = seconds / n
+        self.best[id(q)] = min(self.best.get(id(q), float("inf")), per)
+        if q is self.plan:
+            return
+        self.tries[id(q)] = self.tries.get(id(q), 0) + 1
+        self.queue.pop(0)
+        if per < self.best[id(self.plan)] and self.tries[id(q)] < 2:
+            self.queue.append(q)  # faster once: once more, to be sure
+        if not self.queue:
+            self._decide()
+
+    def failed(self, q: Plan) -> None:
+        """A trial that could not run its chunk (out of memory): not a candidate."""
+        self.queue = [t for t in self.queue if t is not q]
+        self.best.pop(id(q), None)
+        self.tries[id(q)] = 0
+        if not self.queue:
+            self._decide()
+
+    def _decide(self) -> None:
+        mine = self.best.get(id(self.plan), float("inf"))
+        won = [(self.best[id(t)], k, t) for k, t in enumerate(self.plan.trials)
+               if self.tries.get(id(t)) == 2 and self.best[id(t)] < SWITCH * mine]
+        self.plan = min(won)[2] if won else self.plan
+        self.plan = dataclasses.replace(self.plan, trials=())
+        self.done = True
 
 
 class _Loader:
@@ -93,19 +164,21 @@ class _Loader:
 
 
 def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[int, int]] | None = None,
-            skip: frozenset = frozenset(), job=None):
+            skip: frozenset = frozenset(), job=None, decided=None):
     """Run ``plan`` into ``sink`` (default: memory). ``units``: the chunks a dump records as done
     (``sink.done(i)`` after the last piece of unit i is written); those in ``skip`` are already on
     disk (or, in a sharded dump ``job``, another rank's share: see [Sharded dumps] in _distributed).
-    Without units the whole batch is one unit. Returns what compute returns."""
-    strategy = STRATEGIES[plan.strategy]
+    Without units the whole batch is one unit. ``decided(plan)``: told the plan the run settled on
+    after timing ``plan.trials`` (see [Timing on the run's first chunks]). Returns what compute returns."""
+    if plan.trials and (job is not None or torch.are_deterministic_algorithms_enabled()):
+        plan = dataclasses.replace(plan, trials=())  # a sharded job's ranks run one plan; see the NOTE
     if sink is None and units is None and plan.chunk_at(0)[1] >= plan.batch_size and \
             not _show_progress(progress, plan):
         # One chunk into memory (a training loop's every step): the strategy's tensors are the result,
         # with none of the streaming machinery around them.
         try:
-            jacs, outputs = strategy(spec, plan, chunk_args(spec, 0, plan.batch_size), plan.batch_size,
-                                     plan.colours_at(0, plan.batch_size))
+            jacs, outputs = STRATEGIES[plan.strategy](spec, plan, chunk_args(spec, 0, plan.batch_size),
+                                                      plan.batch_size, plan.colours_at(0, plan.batch_size))
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -123,31 +196,51 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
     todo = [(i, u) for i, u in enumerate(units) if i not in skip]
     loader = _Loader(spec)
     size = plan.chunk_size
+    trials = _Trials(plan)
     # Samples on disk before this run (a sharded job's skip also holds the other ranks' shares).
     before = skip if job is None else frozenset(range(len(units))) - set(job.todo)
     already = sum(b - a for i, (a, b) in enumerate(units) if i in before)
-    # No bar object at all when none is shown: a training loop calls this every step.
+    # No bar object at all when none is shown: a training loop calls this every step. Where the plan
+    # predicts no time (nothing was timed to plan it), the first chunk's time decides (progress=None).
+    lazy = progress is None and plan.seconds is None and job is None
     show = _show_progress(progress, plan) and (job is None or job.rank == 0)
-    bar = tqdm(total=plan.batch_size, initial=already, unit="sample", unit_scale=True, desc="chunkjac",
-               dynamic_ncols=True) if show else _NoBar()
-    if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
-        bar = _JobBar(bar, job, already, plan.batch_size if show else None)
+    bars = contextlib.ExitStack()
+    bar = _NoBar()
+
+    def open_bar(initial: int):
+        b = tqdm(total=plan.batch_size, initial=initial, unit="sample", unit_scale=True, desc="chunkjac",
+                 dynamic_ncols=True) if show else _NoBar()
+        if job is not None:  # one bar for the whole job, on rank 0: the samples every rank has finished
+            b = _JobBar(b, job, initial, plan.batch_size if show else None)
+        bars.enter_context(b)
+        return b
+
+    bar = open_bar(already)
     backed_off = False
+    cuda = spec.device.type == "cuda"
     # (A Jacobian is not a training step: buffers that fn updates in place, BatchNorm's running
     # statistics in training mode, are put back by the caller: _function.as_it_was.)
     try:
-        with bar:
+        with bars:
             for k, (unit, (u0, u1)) in enumerate(todo):
                 start = u0
                 while start < u1:
+                    q = trials.next()
                     stop = min(plan.chunk_at(start, size)[1], u1)
+                    timing = not trials.done or lazy
                     failed = False
                     try:
                         args = loader.get(start, stop)
                         nxt = _next_piece(plan, size, stop, u1, todo, k)
                         if nxt is not None:
                             loader.prefetch(*nxt)
-                        jacs, outputs = strategy(spec, plan, args, stop - start, plan.colours_at(start, stop))
+                        if timing and cuda:
+                            torch.cuda.synchronize(spec.device)
+                        t = time.perf_counter()
+                        jacs, outputs = STRATEGIES[q.strategy](spec, q, args, stop - start, plan.colours_at(start, stop))
+                        if timing and cuda:
+                            torch.cuda.synchronize(spec.device)
+                        t = time.perf_counter() - t
                     except Exception as e:
                         if not is_out_of_memory(e):
                             raise
@@ -155,9 +248,24 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
                     if failed:
                         args = jacs = outputs = None
                         loader.drop()
-                        size, plan, backed_off = *_back_off(spec, plan, start, stop), True
+                        if q is not trials.plan:  # a trial that does not fit: the plan runs these samples
+                            trials.failed(q)
+                        else:
+                            size, plan, backed_off = *_back_off(spec, plan, start, stop), True
+                            trials = _Trials(dataclasses.replace(plan, trials=()))
                         continue
                     sink.write(start, stop, jacs, outputs)
+                    if not trials.done:
+                        trials.timed(q, t, stop - start, stop - start >= size)
+                        if trials.done:
+                            plan = trials.plan
+                            if decided is not None:
+                                decided(plan)
+                    if lazy:  # the first chunk's time says whether the run is long enough for a bar
+                        lazy = False
+                        show = t * plan.num_chunks > LONG_RUN_SECONDS and sys.stderr.isatty()
+                        if show:
+                            bar = open_bar(already + bar.n)
                     bar.update(stop - start)
                     start = stop
                 sink.done(unit)

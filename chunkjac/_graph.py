@@ -18,7 +18,8 @@ from ._detect import RTOL
 from ._errors import BudgetError, CouplingWarning, TooLongError, describe, warn
 from ._memory import free_bytes, measure_peak
 from ._probe import best_seconds
-from ._plan import KMAX, VECTORISE_GAIN, _format_seconds, margin
+from ._plan import _format_seconds
+from ._planner import KMAX, VECTORISE_GAIN, margin
 from ._spec import _FLOATS
 
 

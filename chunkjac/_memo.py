@@ -558,6 +558,19 @@ class ProbeCache:
                 self._entries.popitem(last=False)
         return value
 
+    def update(self, key, change) -> None:
+        """Replace the value of ``key``'s entry by ``change(value)`` (a decision refined by its run);
+        nothing where there is none."""
+        if key is None:
+            return
+        with self._lock:
+            try:
+                entry = self._entries.get(key)
+            except TypeError:
+                return
+            if entry is not None:
+                entry[1] = change(entry[1])
+
     def forget(self, key) -> None:
         """Drop one entry (a decision found stale when used)."""
         with self._lock:

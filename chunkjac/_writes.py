@@ -73,6 +73,9 @@ def _norms() -> dict:
 
 
 _NORMS, _NORMS_BY_OP = _norms()
+# In-place by name, but they change a tensor's autograd flags or bookkeeping, never its values.
+_NOT_WRITES = {"requires_grad_", "retain_grad_", "share_memory_", "record_stream_", "pin_memory_", "detach_",
+               "resize_as_sparse_", "_coalesced_", "set_"}
 _INPLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                       "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
                       "__imatmul__"}
@@ -87,7 +90,7 @@ def _writes(func, args, kwargs):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 yield arg.name, args[k] if k < len(args) else kwargs.get(arg.name), False
         name = schema.name.split("::")[-1]
-    elif (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS:
+    elif ((name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS) and name not in _NOT_WRITES:
         if args:
             yield "self", args[0], False
     if "out" in kwargs:

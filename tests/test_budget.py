@@ -5,7 +5,7 @@ from torch import nn
 
 import chunkjac
 from chunkjac._budget import DEFAULT_SHARE, format_bytes, parse_budget
-from chunkjac._plan import _fits, margin
+from chunkjac._planner import _fits, margin
 from chunkjac._probe import Measurement
 
 FREE = 10**10

@@ -3,7 +3,6 @@ the auto check, coupling structures, the plan's cost report, and jacobian_of."""
 import re
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

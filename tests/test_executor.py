@@ -77,8 +77,8 @@ def test_probe_cache_skips_the_second_probe(monkeypatch):
     x = torch.randn(3000, 3)
     chunkjac.probe_cache.clear()
     calls = []
-    real = _probe.measure_memory
-    monkeypatch.setattr("chunkjac._plan.measure_memory", lambda *a: calls.append(1) or real(*a))
+    real = _probe.probe
+    monkeypatch.setattr("chunkjac._planner.probe", lambda *a: calls.append(1) or real(*a))
     first = chunkjac.plan(f, x)
     n = len(calls)
     assert n > 0

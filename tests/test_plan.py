@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import chunkjac
-from chunkjac._plan import CACHE_BYTES, Plan, candidates, speed_chunk
+from chunkjac._plan import Plan
+from chunkjac._planner import CACHE_BYTES, speed_chunk
+from chunkjac._strategies import STRATEGIES
 from chunkjac._probe import probe
 from chunkjac._spec import normalize
 
@@ -22,16 +24,18 @@ def test_auto_mode_by_dimension_counts_when_far_apart(n_in, n_out, mode):
     assert plan_of(f, torch.randn(8, n_in)).modes == (mode,)
 
 
-def test_close_counts_measure_both_modes_and_both_vectorisations():
+def test_candidates_are_ranked_by_the_cost_model_and_ties_are_timed_on_the_run():
     f = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
     spec = normalize(f, torch.randn(64, 3), wrt=0, output=None, in_dims=0, mode="auto", coupling="independent",
                      create_graph=False, return_outputs=False)
-    cands, fallbacks = candidates(spec, probe(spec), torch.device("cpu"))
-    assert fallbacks == []
-    assert {(c.modes, c.rows_per_vjp if c.mode == "reverse" else c.cols_per_jvp) for c in cands} == {
-        (("reverse",), 3), (("reverse",), 1), (("forward",), 3), (("forward",), 1)}
-    p = plan_of(f, torch.randn(2000, 3))
-    assert p.seconds is not None and p.seconds > 0  # chosen by measured time
+    cands = [c for s in STRATEGIES.values() for c in s.candidates(spec, probe(spec), torch.device("cpu"))]
+    width = {(c.modes, c.rows_per_vjp if c.mode == "reverse" else c.cols_per_jvp): cost for c, cost in cands}
+    assert set(width) == {(("reverse",), 3), (("reverse",), 1), (("forward",), 3), (("forward",), 1)}
+    assert width[(("reverse",), 3)] < width[(("reverse",), 1)] < width[(("forward",), 3)]  # a JVP costs 2 VJPs
+    p = plan_of(f, torch.randn(20_000, 3), chunk_size=1000)
+    assert (p.modes, p.rows_per_vjp) == (("reverse",), 3)  # the count rule's first choice
+    assert [(t.modes, t.rows_per_vjp) for t in p.trials] == [(("reverse",), 1)]  # same cost: timed on the run
+    assert p.seconds is not None and p.seconds > 0  # chunkjac.plan times one chunk for its estimate
     assert plan_of(f, torch.randn(64, 3)).seconds is None  # too small to be worth timing
 
 

@@ -8,6 +8,12 @@ import torch
 from .._spec import Spec
 
 
+def stack(dims: int, part: str) -> int:
+    """Vectors a Taylor pass carries per tensor: the value, D directions and the second-order terms (1
+    for a Laplacian, D for the diagonal, D * D for the full Hessian)."""
+    return 1 + dims + {"laplacian": 1, "diagonal": dims, "full": dims * dims}[part]
+
+
 def groups(colours: torch.Tensor | None, calls: int | None) -> list:
     """(n,) masks of the samples that share one pass (None: all of them), at most ``calls`` of them.
     Samples of a negative colour are left out (their results stay zero: the check's subsets)."""

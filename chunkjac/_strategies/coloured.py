@@ -28,10 +28,77 @@ from torch.func import jvp, vmap
 
 from .._errors import RandomFunctionError, is_out_of_memory
 from .._function import FnError, call, load_forward_decompositions, detach_all, own_buffers, reached_modules, select, shielded, split_tensors
+from .._plan import Plan
 from .._spec import Spec
+from ._cost import BLOCK, JVP_COST, MAX_VECTORISED
 
-if TYPE_CHECKING:  # the plan is made upstream; strategies only read it
-    from .._plan import Plan
+if TYPE_CHECKING:
+    from .._probe import Probe
+
+
+def candidates(spec: Spec, p: Probe, device: torch.device) -> list:
+    """(plan, cost) for independent samples: each mode the call allows, all rows (columns) in one
+    vectorised call, one per call, and for wide outputs a block of BLOCK (see [Choosing the AD mode])."""
+    if spec.part is not None or (spec.mode == "reverse" and any(not t.batched for t in spec.targets)):
+        return []  # second order; shared tensors in reverse mode: the per-sample strategy
+    n_out = p.out_numel
+    max_in = max(t.numel for t in spec.targets)
+    found, seen = [], set()
+    for mode in {"auto": ("reverse", "forward"), "reverse": ("reverse",), "forward": ("forward",)}[spec.mode]:
+        modes = tuple(mode if t.batched else "forward" for t in spec.targets)
+        if modes in seen:
+            continue
+        seen.add(modes)
+        reverse = "reverse" in modes
+        cost = (n_out if reverse else 0) + JVP_COST * sum(t.numel for t, m in zip(spec.targets, modes) if m == "forward")
+        width = n_out if reverse else max_in
+        # (Not all at once beyond MAX_VECTORISED: a 256x784 weight's 200,704 one-hot tangents would
+        # take 161 GB before any measurement could say so.)
+        blocks = ([width] if width <= MAX_VECTORISED else []) + [1] + ([BLOCK] if width > 2 * BLOCK else [])
+        for j, block in enumerate(dict.fromkeys(max(b, 1) for b in blocks)):
+            plan = Plan(strategy="coloured", modes=modes, batch_size=spec.batch_size, chunk_size=spec.batch_size,
+                        rows_per_vjp=block if reverse else max(n_out, 1), cols_per_jvp=max_in if reverse else block,
+                        out_shape=p.out_shape, in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype,
+                        device=device)
+            found.append((plan, cost * (1 + 1e-3 * j)))  # equal counts: the vectorised call first
+    return found
+
+
+def memory(spec: Spec, p: Probe, plan: Plan) -> tuple[float, float]:
+    """(activations, other work) bytes per sample of a chunk: the activations autograd keeps, and one
+    more copy of them per row (column) a vectorised call carries with its cotangents and gradients."""
+    item = plan.dtype.itemsize
+    saved = p.saved_bytes_per_sample
+    k_rev = plan.rows_per_vjp if "reverse" in plan.modes else 0
+    k_fwd = plan.cols_per_jvp if "forward" in plan.modes else 0
+    batched_in = sum(t.numel for t in spec.targets if t.batched) * item
+    return saved, saved * (k_rev + k_fwd) + k_rev * (batched_in + p.out_numel * item)
+
+
+def products(plan: Plan) -> tuple[int, int]:
+    rows = plan.colours * math.prod(plan.out_shape)
+    vjps = -(-rows // plan.rows_per_vjp) if "reverse" in plan.modes else 0
+    jvps = sum(-(-n * plan.colours // plan.cols_per_jvp) for n, m in zip(plan.in_numels, plan.modes) if m == "forward")
+    return vjps, jvps
+
+
+def check(spec: Spec, plan: Plan):
+    """A plan with forward-mode targets, cross-checked against reverse mode on its first samples (see
+    [Why forward mode is cross-checked] in _check): None, or the ForwardModeMismatch found."""
+    from .._check import forward_mode_verdict
+    return forward_mode_verdict(spec, plan)
+
+
+def describe(plan: Plan, per: str) -> str:
+    vjps, jvps = products(plan)
+    work = []
+    if vjps:
+        rows = plan.colours * math.prod(plan.out_shape)
+        work.append(f"{rows:,} VJP{'s' * (rows != 1)} {per} in {vjps:,} call{'s' * (vjps != 1)}")
+    if jvps:
+        cols = sum(n * plan.colours for n, m in zip(plan.in_numels, plan.modes) if m == "forward")
+        work.append(f"{cols:,} JVP{'s' * (cols != 1)} {per} in {jvps:,} call{'s' * (jvps != 1)}")
+    return f"{plan.mode} mode, {' + '.join(work) or 'no products'}"
 
 
 def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,

@@ -12,16 +12,54 @@ second ones through the first ones' graph: about 3 forwards each. Memory: the ch
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from .._function import call, detach_all, select
+from .._plan import Plan
 from .._spec import Spec
+from ._cost import SECOND_VJP_COST
 from ._second import empty, groups, is_empty, merge, shaped
 
 if TYPE_CHECKING:
-    from .._plan import Plan
+    from .._probe import Probe
+
+
+def candidates(spec: Spec, p: Probe, device: torch.device) -> list:
+    """Reverse over reverse for second derivatives where reverse mode is allowed: all D Hessian rows
+    in one call, or one per call; 1 + D VJPs per output element (see [Choosing a second-order strategy])."""
+    if spec.part is None or spec.mode == "forward":
+        return []
+    dims = spec.targets[0].numel
+    cost = p.out_numel * (1 + SECOND_VJP_COST * dims)
+    return [(Plan(strategy="double_backward", modes=("reverse",), rows_per_vjp=k, cols_per_jvp=1,
+                  batch_size=spec.batch_size, chunk_size=spec.batch_size, out_shape=p.out_shape, in_numels=(dims,),
+                  dtype=p.dtype, device=device, part=spec.part), cost * (1 + 1e-3 * j))
+            for j, k in enumerate(dict.fromkeys((dims, 1)))]
+
+
+def memory(spec: Spec, p: Probe, plan: Plan) -> tuple[float, float]:
+    """(activations, other work) bytes per sample: the forward's activations; the first VJP's graph
+    and the rows in flight."""
+    return p.saved_bytes_per_sample, p.saved_bytes_per_sample * (1 + plan.rows_per_vjp)
+
+
+def products(plan: Plan) -> tuple[int, int]:
+    dims = plan.in_numels[0]
+    return plan.colours * math.prod(plan.out_shape) * (1 + -(-dims // max(plan.rows_per_vjp, 1))), 0
+
+
+def check(spec: Spec, plan: Plan):
+    """Nothing to cross-check: plain reverse mode, whose formulas the others are checked against."""
+    return None
+
+
+def describe(plan: Plan, per: str) -> str:
+    vjps = products(plan)[0]
+    return (f"{plan.part}: reverse over reverse, {vjps:,} VJP call{'s' * (vjps != 1)} {per} "
+            f"({plan.rows_per_vjp:,} Hessian row{'s' * (plan.rows_per_vjp != 1)} per call)")
 
 
 def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,

@@ -24,10 +24,42 @@ from torch.func import jacrev, vjp, vmap
 
 from .._errors import RandomFunctionError
 from .._function import call, detach_all, own_buffers, reached_modules, select, shielded
+from .._plan import Plan
 from .._spec import Spec
+from ._cost import PER_SAMPLE_COST
 
 if TYPE_CHECKING:
-    from .._plan import Plan
+    from .._probe import Probe
+
+
+def candidates(spec: Spec, p: Probe, device: torch.device) -> list:
+    """One plan where shared tensors are differentiated and forward mode is not required."""
+    if spec.part is not None or spec.mode == "forward" or all(t.batched for t in spec.targets):
+        return []
+    n_out = p.out_numel
+    plan = Plan(strategy="per_sample", modes=("reverse",) * len(spec.targets), batch_size=spec.batch_size,
+                chunk_size=spec.batch_size, rows_per_vjp=max(n_out, 1), cols_per_jvp=1, out_shape=p.out_shape,
+                in_numels=tuple(t.numel for t in spec.targets), dtype=p.dtype, device=device)
+    return [(plan, PER_SAMPLE_COST * n_out)]
+
+
+def memory(spec: Spec, p: Probe, plan: Plan) -> tuple[float, float]:
+    """(activations, other work) bytes per sample: each sample's activations, and their gradients."""
+    return p.saved_bytes_per_sample, p.saved_bytes_per_sample
+
+
+def products(plan: Plan) -> tuple[int, int]:
+    return 1, 0
+
+
+def check(spec: Spec, plan: Plan):
+    """Nothing to cross-check: plain reverse mode, whose formulas the others are checked against."""
+    return None
+
+
+def describe(plan: Plan, per: str) -> str:
+    rows = math.prod(plan.out_shape)
+    return f"per-sample reverse mode, {rows:,} VJP{'s' * (rows != 1)} per sample, vectorised over the chunk's samples"
 
 
 def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor | None = None,
