@@ -4,7 +4,8 @@ For each workload, one fresh process builds the model and inputs, makes one warm
 method (chunkjac plans then, and its plan is cached), then times ROUNDS interleaved rounds (every
 method once per round, in an order that rotates from round to round) and reports the median. The ratio is chunkjac's median over the
 fastest peer's: only ratios measured side by side count on a noisy machine. Peers are those of the
-anchors table (what users write today), each checked equal to chunkjac on the first 64 samples.
+anchors table (what users write today) and the forward-mode ones (vmap(jacfwd), the jvp sum trick)
+where they fit in memory, each checked equal to chunkjac on the first 64 samples.
 
     python benchmarks/bench_tax.py [--rounds 7] [WORKLOAD-SUBSTRING ...]
 """
@@ -49,6 +50,13 @@ def dims_loop(f, x):
     cols = [torch.autograd.grad(y[:, o].sum(), xr, retain_graph=True)[0] for o in range(y.shape[1])]
     return torch.stack(cols, 1)
 
+def jvp_sum_trick(f, x):  # forward mode: one JVP per input dim, the tangent e_k in every sample
+    cols = []
+    for k in range(x.shape[1]):
+        e = torch.zeros_like(x); e[:, k] = 1
+        cols.append(jvp(f, (x,), (e,))[1])
+    return torch.stack(cols, -1)
+
 def functional_vectorize(f, x):
     J = torch.autograd.functional.jacobian(lambda z: f(z).sum(0), x, vectorize=True)
     return J.movedim(-x.dim(), 0)
@@ -77,6 +85,9 @@ else:
         "dims loop": lambda: dims_loop(f, x),
         "vmap(jacrev)": lambda: vmap(jacrev(f))(x),
     }
+    if kind != "wide":  # forward mode over 784 inputs: out of memory at 24 GB (the anchors)
+        methods["vmap(jacfwd)"] = lambda: vmap(jacfwd(f))(x)
+        methods["jvp sum trick"] = lambda: jvp_sum_trick(f, x)
 ref = None
 for name, m in methods.items():  # warm-up (chunkjac plans here), and every method checked equal
     r = m()

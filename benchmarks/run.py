@@ -95,8 +95,10 @@ try:
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     base[0] = rss(); peak[0] = base[0]
-    r = f()  # the warm-up
+    t = time.perf_counter()
+    r = f()  # the warm-up: the first call in this fresh process (planning, PyTorch's own first use)
     sync()
+    first = time.perf_counter() - t
     slice_ = w.slice(r)
     del r
     gc.collect()
@@ -111,7 +113,8 @@ try:
     err = workloads.relative_error(slice_, w.reference())
     k = w.extrapolated.get(method)
     print(json.dumps({"status": "ok", "seconds": dt * (w.samples / k if k else 1), "extrapolated": bool(k),
-                      "peak_mb": mem / 1e6, "error": err}), flush=True)
+                      "first_seconds": first * (w.samples / k if k else 1), "peak_mb": mem / 1e6, "error": err}),
+          flush=True)
 except Exception as e:
     oom = "out of memory" in str(e).lower() or isinstance(e, MemoryError)
     print(json.dumps({"status": "out of memory" if oom else "error", "note": f"{type(e).__name__}: {str(e)[:200]}"}),
@@ -234,7 +237,9 @@ def summary(records) -> dict:
         if not ok:
             res[key] = {"status": recs[0]["status"], "samples": recs[0]["samples"], "workload": recs[0]["workload"]}
             continue
+        firsts = [r["first_seconds"] for r in ok if r.get("first_seconds") is not None]
         res[key] = {"status": "ok", "seconds": statistics.median(r["seconds"] for r in ok),
+                    "first": statistics.median(firsts) if firsts else None,
                     "peak_mb": statistics.median(r["peak_mb"] for r in ok), "error": max(r["error"] for r in ok),
                     "extrapolated": ok[0]["extrapolated"], "samples": ok[0]["samples"], "workload": ok[0]["workload"]}
     return res
@@ -244,10 +249,12 @@ def markdown(records, rounds, device) -> str:
     s = summary(records)
     import torch
     lines = [f"Device {device}, torch {torch.__version__}, {rounds} interleaved round(s), a fresh process per "
-             "method and round; median s of the timed call after a warm-up; x chunkjac = the method's time / "
-             "chunkjac's (above 1: chunkjac is faster); peak MB: memory growth during the call; error: max "
-             "relative difference to the reference on the first 64 samples.", "",
-             "| workload | method | median s | x chunkjac | peak MB | error |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "method and round; median s of the timed call after a warm-up; first call s: the warm-up, the "
+             "first call in the fresh process (planning and PyTorch's own first use included); x chunkjac = the "
+             "method's time / chunkjac's (above 1: chunkjac is faster); peak MB: memory growth during the call; "
+             "error: max relative difference to the reference on the first 64 samples.", "",
+             "| workload | method | median s | first call s | x chunkjac | peak MB | error |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     labels = list(dict.fromkeys(r["label"] for r in records))
     for label in labels:
         ours = s.get((label, "chunkjac")) or s.get((label, "chunkjac dump"))
@@ -255,11 +262,13 @@ def markdown(records, rounds, device) -> str:
             if lab != label:
                 continue
             if v["status"] != "ok":
-                lines.append(f"| {label} | {m} | {v['status']} | | | |")
+                lines.append(f"| {label} | {m} | {v['status']} | | | | |")
                 continue
             ratio = f"{v['seconds'] / ours['seconds']:.2f}" if ours and ours["status"] == "ok" else ""
             ext = " (extrapolated)" if v["extrapolated"] else ""
-            lines.append(f"| {label} | {m} | {v['seconds']:.4g}{ext} | {ratio} | {v['peak_mb']:,.0f} | {v['error']:.0e} |")
+            first = "" if v.get("first") is None else f"{v['first']:.4g}"
+            lines.append(f"| {label} | {m} | {v['seconds']:.4g}{ext} | {first} | {ratio} | {v['peak_mb']:,.0f} | "
+                         f"{v['error']:.0e} |")
     ideal = [(lab, v["seconds"], s[(lab, "chunkjac")]["seconds"]) for (lab, m), v in s.items()
              if m == "ideal" and v["status"] == "ok" and s.get((lab, "chunkjac"), {}).get("status") == "ok"]
     if ideal:

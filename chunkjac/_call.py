@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -16,10 +17,10 @@ from ._check import check_higher_order, forward_mode_verdict
 from ._coupling import Coupling, coupled, independent, unsplittable
 from ._declared import check as check_declared
 from ._detect import check as check_coupling
-from ._dump import open_output, preflight
+from ._dump import finished, open_output, preflight
 from ._probe import probe
 from ._errors import CouplingWarning, TooLongError, first_line, is_out_of_memory, warn
-from ._executor import execute
+from ._executor import _result as result_of, execute
 from ._function import FnError, as_it_was, missing_batch_dim, preserved_buffers
 from ._memo import ProbeCache, Watch, argument_key, identity, watch
 from ._memory import free_bytes
@@ -53,6 +54,9 @@ def run(req: Request):
             return _run_sharded(job, req, seen, written)
         versions = _versions(req.spec.args, written)
         _preflight(req)
+        done = _finished_dump(req)
+        if done is not None:
+            return done
         spec, p, settle = prepare(req, seen)
         _check_unmodified(spec.args, versions)
         _refuse_too_long(p)
@@ -102,6 +106,24 @@ def _preflight(req: Request) -> None:
     except Exception:  # noqa: BLE001 - fn needs the whole batch, say: the planning finds out
         return
     preflight(spec, found.out_shape, found.dtype, req.out)
+
+
+def _finished_dump(req: Request):
+    """A dump already complete: its files, before any planning (what compute returns), or None."""
+    if not req.dump or req.plan is not None or not req.resume:
+        return None
+    spec = req.spec
+    key = probe_cache.key(spec, str(spec.device))
+    try:
+        found = probe_cache.get(None if key is None else key + ("probe",), spec.fn, lambda: probe(spec))
+    except Exception:  # noqa: BLE001 - fn needs the whole batch, say: the planning finds out
+        return None
+    arrays = finished(spec, found.out_shape, found.dtype, req.out, not isinstance(req.coupling, str) or
+                      req.coupling != "auto")
+    if arrays is None:
+        return None
+    shape = types.SimpleNamespace(batch_size=spec.batch_size, out_shape=found.out_shape)  # what _result reads
+    return result_of(spec, shape, arrays, None)
 
 
 def _written(req: Request, seen: Watch) -> list:
@@ -355,7 +377,8 @@ def _pinned(req: Request) -> tuple[Spec, Plan]:
                          f"{given.result_bytes:,} bytes beyond the budget), but this call writes to out=, where a "
                          "chunk must fit the budget. Make the plan with chunkjac.plan(..., out=<the same out>).")
     coupling = given.coupling if given.coupling is not None else independent(spec.batch_size, "plan=")
-    return dataclasses.replace(spec, coupling=coupling), given
+    # As it is: a recorded plan's trials are not timed again (a training loop's every step would).
+    return dataclasses.replace(spec, coupling=coupling), dataclasses.replace(given, trials=())
 
 
 def _refuse_too_long(p: Plan) -> None:

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from . import _autograd
 from ._errors import ForwardModeMismatch
 from ._function import call, chunk_args, own_buffers, preserved_buffers, reached_modules, select, shielded, working_dtypes
 from ._plan import Plan
@@ -97,12 +98,12 @@ def _reverse_projection(spec: Spec, t, u: torch.Tensor, n: int) -> torch.Tensor:
             if not y.requires_grad:
                 return torch.zeros((n, *t.shape), dtype=u.dtype, device=u.device)
             if t.batched:  # independent samples: one VJP gives every sample's row (the sum trick)
-                (g,) = torch.autograd.grad(y, v, u, allow_unused=True)
+                (g,) = _autograd.grad(y, v, u, allow_unused=True)
                 g = torch.zeros_like(v) if g is None else g
                 return g.movedim(spec.in_dims[t.index], 0)
             rows = []
             for i in range(n):
-                (g,) = torch.autograd.grad(y[i], v, u[i], retain_graph=i < n - 1, allow_unused=True)
+                (g,) = _autograd.grad(y[i], v, u[i], retain_graph=i < n - 1, allow_unused=True)
                 rows.append(torch.zeros_like(v) if g is None else g)
             return torch.stack(rows)
     except RuntimeError as e:
@@ -149,7 +150,7 @@ def _check_coupled(spec: Spec, plan: Plan, ks: list[int]) -> None:
                 z = x.clone().requires_grad_(True)
                 with torch.enable_grad():
                     y = g(z)
-                    (gu,) = torch.autograd.grad(y, z, u, allow_unused=True) if y.requires_grad else (None,)
+                    (gu,) = _autograd.grad(y, z, u, allow_unused=True) if y.requires_grad else (None,)
             except RuntimeError as e:
                 raise ValueError(
                     f"chunkjac: fn is not differentiable w.r.t. {t.label}: reverse mode refuses it ({e}), and "
@@ -260,7 +261,7 @@ def _projected_reverse(spec: Spec, args: list, n: int, u: torch.Tensor, colours,
         y = select(spec, call(spec, a), n).reshape(n, -1)
         for p in range(u.shape[0]):
             w = u[p] if mask is None else u[p] * mask[:, None]
-            (g,) = torch.autograd.grad((y * w).sum(), x, create_graph=True, allow_unused=True)
+            (g,) = _autograd.grad((y * w).sum(), x, create_graph=True, allow_unused=True)
             g = torch.zeros_like(x) if g is None else g
             gf = g.movedim(dim, 0).reshape(n, dims)
             h = torch.zeros((n, dims, dims), dtype=gf.dtype, device=gf.device)
@@ -268,7 +269,7 @@ def _projected_reverse(spec: Spec, args: list, n: int, u: torch.Tensor, colours,
                 for k in range(dims):
                     cot = torch.zeros_like(gf)
                     cot[:, k] = 1 if mask is None else mask
-                    (row,) = torch.autograd.grad(gf, x, cot, retain_graph=True, allow_unused=True)
+                    (row,) = _autograd.grad(gf, x, cot, retain_graph=True, allow_unused=True)
                     if row is not None:
                         h[:, k] = row.movedim(dim, 0).reshape(n, dims)
             second = {"laplacian": lambda: h.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True),
@@ -382,7 +383,7 @@ def _higher_difference(spec: Spec, plan: Plan, n: int, colours, wide: bool) -> s
         s = project(res, w)
         if not s.requires_grad:
             return None
-        grads = torch.autograd.grad(s, [x, *params], allow_unused=True)
+        grads = _autograd.grad(s, [x, *params], allow_unused=True)
     v = [randn(x0)] + [randn(p) * (p.detach().abs().mean() + 1e-3) for p in params]
     analytic = sum(float((g.double() * d.double()).sum()) for g, d in zip(grads, v) if g is not None)
     magnitude = sum(float((g.double() * d.double()).abs().sum()) for g, d in zip(grads, v) if g is not None)

@@ -221,7 +221,8 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(), _MemoryWatch() as watch:
         warnings.simplefilter("ignore", CouplingWarning)  # plan() above has shown it
         run = compute if "part" not in opts else hessian
-        J = run(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, plan=p, **opts)
+        # (the decision plan() made is remembered: the run reuses it and times its trials on its first chunks)
+        J = run(fn, inputs, out=out, resume=not args.no_resume, progress=not args.quiet, **opts)
     dt = time.perf_counter() - t
     first = next(iter(J.values())) if isinstance(J, dict) else J
     ran = first.shape[0] - before

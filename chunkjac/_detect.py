@@ -62,6 +62,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import _autograd
 from ._coupling import log2_ceil
 from ._errors import is_out_of_memory
 from ._function import FnError, call, chunk_args, preserved_buffers, reachable_state, select, working_dtypes
@@ -383,11 +384,11 @@ def _vjps(y: torch.Tensor, prims: list, cots: torch.Tensor) -> list:
     rule (torch.compile, per-sample-gradient hooks, a custom Function calling .item()). The batched try
     retains the graph: a failure half-way must not leave the one-by-one calls a freed graph."""
     try:
-        return list(torch.autograd.grad(y, prims, cots, allow_unused=True, is_grads_batched=True,
+        return list(_autograd.grad(y, prims, cots, allow_unused=True, is_grads_batched=True,
                                         retain_graph=True))
     except Exception:  # noqa: BLE001 - any failure of the batched call: the same VJPs one by one
         pass
-    rows = [torch.autograd.grad(y, prims, c, allow_unused=True, retain_graph=True) for c in cots]
+    rows = [_autograd.grad(y, prims, c, allow_unused=True, retain_graph=True) for c in cots]
     return [torch.stack(g) if g[0] is not None else None for g in zip(*rows)]
 
 

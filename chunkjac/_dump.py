@@ -84,6 +84,45 @@ def _numpy_dtype(dtype: torch.dtype):
             "(e.g. lambda x: model(x).float()) or pass out=<a preallocated tensor>.") from None
 
 
+def finished(spec: Spec, out_shape: tuple, dtype: torch.dtype, out: str, coupling_given: bool) -> list | None:
+    """The result tensors of a dump to ``out`` that its manifest says is complete and was written by
+    this call (fn, inputs, options: the fingerprint), opened without planning anything; None
+    otherwise (the usual path then creates, resumes or refuses it). ``coupling_given``: the call
+    declared its coupling, which the fingerprint holds; with coupling="auto" the recorded verdict of
+    the earlier run stands, as its recorded plan does for a resume (see [Resuming a dump])."""
+    base, files = _files(spec, out_shape, out)
+    try:
+        m = _manifest.load(base)
+    except _manifest.ManifestError:
+        return None  # the usual path says what is wrong with it
+    if m is None or not (m["complete"] or len(m["done"]) == len(m["chunks"])):
+        return None
+    fp = _manifest.fingerprint(spec, files[0][1], dtype)
+    if len(files) > 1 or base != files[0][0]:
+        fp["result"]["files"] = [os.path.basename(p) for p, _ in files]
+        fp["result"]["shapes"] = [list(s) for _, s in files]
+    diff = _manifest.differences(m["fingerprint"], fp)
+    if diff and (coupling_given or diff != ["coupling"]):
+        return None
+    want = _numpy_dtype(dtype)
+    lock = _lock(base)  # (no other process is writing it: that one would be starting it over)
+    try:
+        arrays = []
+        for f, shape in files:
+            try:
+                a = np.lib.format.open_memmap(f, mode="r+")
+            except (ValueError, OSError):
+                return None
+            if tuple(a.shape) != tuple(shape) or a.dtype != want:
+                return None
+            arrays.append(torch.from_numpy(a))
+    finally:
+        if lock is not None:
+            lock.close()
+    log.warning("chunkjac: %s is complete (%d of %d chunks); nothing to do.", out, len(m["done"]), len(m["chunks"]))
+    return arrays
+
+
 def _open_npy(spec: Spec, plan: Plan, path: str, resume: bool, job=None) -> Output:
     return _open_files(spec, plan, *_files(spec, plan.out_shape, path), resume, job)
 

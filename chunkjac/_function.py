@@ -258,8 +258,14 @@ def own_buffers(spec: Spec) -> dict[str, torch.Tensor]:
 
 
 def reached_modules(fn) -> list[nn.Module]:
-    """Every module fn (a Spec's fn, or the Spec) is or reaches, submodules included, each once."""
-    fn = getattr(fn, "fn", fn) if isinstance(fn, Spec) else fn
+    """Every module fn (a Spec's fn, or the Spec) is or reaches, submodules included, each once. For
+    a Spec, found once: every chunk of a call asks again (a spec lives for one call)."""
+    if isinstance(fn, Spec):
+        found = fn.__dict__.get("_reached")
+        if found is None:
+            found = reached_modules(fn.fn)
+            object.__setattr__(fn, "_reached", found)  # (a cache on a frozen dataclass: not a field)
+        return found
     return list({id(s): s for _, m in reachable_state(fn) if isinstance(m, nn.Module)
                  for s in m.modules()}.values())
 
@@ -384,14 +390,20 @@ def detached_parameters(modules: list[nn.Module]):
             m._parameters.update(params)
 
 
+_decompositions_loaded: list = []
+
+
 def load_forward_decompositions() -> None:
     """torch.func.jvp loads PyTorch's forward-AD decompositions on first use through torch.jit.script,
     which warns DeprecationWarning: under ``-W error`` the load itself fails. Load them quietly, once."""
+    if _decompositions_loaded:
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
         if load is not None:
             load()
+    _decompositions_loaded.append(True)
 
 
 def detach_all(out: Any) -> Any:

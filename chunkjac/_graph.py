@@ -12,6 +12,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from . import _autograd
 from ._budget import format_bytes, parse_budget
 from ._coupling import Coupling, coupled, from_argument, independent, log2_ceil
 from ._detect import RTOL
@@ -110,7 +111,7 @@ def _check_graph(y: torch.Tensor, xs) -> Coupling:
     u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
     idx = torch.arange(b, device=y.device)
     with torch.enable_grad():
-        full = torch.autograd.grad(y, xs, u, retain_graph=True, allow_unused=True)
+        full = _autograd.grad(y, xs, u, retain_graph=True, allow_unused=True)
         # One scale per input (as compute's check): a large input must not hide a small coupling.
         scales = [0.0 if g is None else g.abs().max().item() for g in full]
         if max(scales, default=0.0) == 0:
@@ -119,7 +120,7 @@ def _check_graph(y: torch.Tensor, xs) -> Coupling:
         for bit in range(log2_ceil(b)):
             inside = ((idx >> bit) & 1).bool()
             mask = inside.reshape(b, *[1] * (y.dim() - 1)).to(y.dtype)
-            part = torch.autograd.grad(y, xs, u * mask, retain_graph=True, allow_unused=True)
+            part = _autograd.grad(y, xs, u * mask, retain_graph=True, allow_unused=True)
             for g, gp, tol, scale in zip(full, part, tols, scales):
                 if g is None or scale == 0:
                     continue

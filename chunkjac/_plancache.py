@@ -162,8 +162,9 @@ def _mtime(path: str) -> float:
 
 
 def _valid(p: Any) -> bool:
+    from ._strategies import STRATEGIES
     modes = p.get("modes") if isinstance(p, dict) else None
-    return (isinstance(p.get("strategy") if isinstance(p, dict) else None, str) and isinstance(modes, list)
+    return (p.get("strategy") in STRATEGIES and isinstance(modes, list)
             and all(m in ("forward", "reverse") for m in modes)
             and all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 1
                     for k in ("rows_per_vjp", "cols_per_jvp", "chunk_size"))

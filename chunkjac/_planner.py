@@ -212,8 +212,9 @@ def estimate(spec: Spec, plan: Plan, cache: ProbeCache | None = None) -> Plan:
         return plan
     cache, key = _keyed(cache, spec, str(plan.device))
     n = min(plan.chunk_size, spec.batch_size)
+    # (best of two: the first run of a chunk this size pays the allocator's first use of its memory)
     t = cache.get(key + ("seconds",) + _choice(plan) + (n,), spec.fn,
-                  lambda: best_seconds(lambda: _run(spec, plan, n), plan.device, 1))
+                  lambda: best_seconds(lambda: _run(spec, plan, n), plan.device, 2))
     return dataclasses.replace(plan, seconds=t * plan.num_chunks)
 
 
@@ -282,7 +283,18 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec, coupling))
     n_out = p.out_numel
     batched_in = sum(t.numel for t in spec.targets if t.batched)
-    preferred = "forward" if JVP_COST * batched_in < n_out or spec.part is not None else "reverse"
+    shared_in = sum(t.numel for t in spec.targets if not t.batched)
+    # The count rule per chunk of n samples and c colours: reverse mode c x n_out products (n x n_out
+    # with a shared target: a product per sample, see [Shared tensors in reverse mode] in coloured),
+    # forward mode JVP_COST x (c x batched elements + shared elements). (Per-sample parameter
+    # Jacobians of a BatchNorm CNN, 6 samples: 30 VJPs of one forward, where forward mode needs 1,461
+    # JVPs, one per parameter element.)
+    n_probe = coupling.stop(0, min(spec.batch_size, PROBE_MAX))
+    c_probe = coupling.colours_at(0, n_probe)
+    c_probe = 1 if c_probe is None else int(c_probe.max()) + 1
+    reverse_count = (n_probe if shared_in else c_probe) * n_out
+    forward_count = JVP_COST * (c_probe * batched_in + shared_in)
+    preferred = "forward" if forward_count < reverse_count or spec.part is not None else "reverse"
     # auto: the count rule's mode, and the other one if fn cannot run it (no forward-mode formula).
     wanted = [spec.mode] if spec.mode != "auto" else [preferred, "reverse" if preferred == "forward" else "forward"]
     # Per target; distinct: with no batched target both are one. Shared tensors in reverse mode get a
@@ -386,7 +398,8 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
         # Vectorising pairs pays (or not) by the first few: try at most KTRY, once, time only; a try
         # of KMAX pairs over 1,024 attention samples cost a quarter of the run it planned.
         k_try = min(k_fit, KTRY)
-        t_k = step(n0, k_try, 1, repeats=1, memory=False)[1] - t_fwd
+        # (floored: a difference of two noisy timings can come out negative, and so did an estimate)
+        t_k = max(step(n0, k_try, 1, repeats=1, memory=False)[1] - t_fwd, t_call / 4)
         if t_k / k_try < VECTORISE_GAIN * per_pair:  # vectorise only where it clearly pays
             k, per_pair = k_try, t_k / k_try
     # Chunks of several coupled sets: scale linearly from the measured chunk, within the budget.

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import jvp, vmap
 
+from .. import _autograd
 from .._errors import RandomFunctionError, is_out_of_memory
 from .._function import FnError, call, load_forward_decompositions, detach_all, own_buffers, reached_modules, select, shielded, split_tensors
 from .._plan import Plan
@@ -182,7 +183,7 @@ def extract_reverse(y: torch.Tensor, prims: list, dims: list[int], colours: torc
         # One output element per sample (a PINN's u, a per-sample loss): one VJP whose cotangent is
         # ones, its gradient (n, *in) reshaped, no block bookkeeping (a training loop's hot path: no
         # op that is not needed, each is a node of the graph a loss on the result goes back through).
-        gs = torch.autograd.grad(yf, prims, torch.ones_like(yf), retain_graph=create or retain, create_graph=create,
+        gs = _autograd.grad(yf, prims, torch.ones_like(yf), retain_graph=create or retain, create_graph=create,
                                  allow_unused=True)
         for b, g, x, d in zip(blocks, gs, prims, dims):
             g = torch.zeros_like(x) if g is None else g if d == 0 else g.movedim(d, 0)
@@ -257,7 +258,7 @@ def _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, 
             ji, ri = members[c], r
             cot = y.new_zeros((n, rows))
             cot[ji, r] = 1
-            gs = torch.autograd.grad(yf, prims, cot, retain_graph=create or not last, create_graph=create,
+            gs = _autograd.grad(yf, prims, cot, retain_graph=create or not last, create_graph=create,
                                      allow_unused=True)
             gs = [None if g is None else g.unsqueeze(0).expand(len(ji), *g.shape) if d is None else g.movedim(d, 0)[ji]
                   for g, d in zip(gs, dims)]
@@ -295,11 +296,11 @@ def _extract_coloured(y, yf, prims, dims, shapes, colours, step, create, calls, 
 def _vjp_block(yf, prims, cot, create, last):
     k = cot.shape[0]
     if k == 1:
-        gs = torch.autograd.grad(yf, prims, cot[0], retain_graph=create or not last, create_graph=create,
+        gs = _autograd.grad(yf, prims, cot[0], retain_graph=create or not last, create_graph=create,
                                  allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in gs]
     # retain_graph even on the last block: if the batched call fails we fall back to the loop.
-    return torch.autograd.grad(yf, prims, cot, retain_graph=True, create_graph=create, allow_unused=True,
+    return _autograd.grad(yf, prims, cot, retain_graph=True, create_graph=create, allow_unused=True,
                                is_grads_batched=True)
 
 
@@ -321,6 +322,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         x = x.clone()
     rebuild_box: list = []
     modules = reached_modules(spec)
+    keep = spec.return_outputs
 
     def g(v):
         a = list(args)
@@ -332,12 +334,17 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         with shielded(modules):  # stand-ins made inside the transform (see shielded)
             out = call(spec, a, params)
         y = select(spec, out, n)
+        if not keep:
+            return y, ()
         tensors, rebuild = split_tensors(out)
         if not rebuild_box:
             rebuild_box.append(rebuild)
         return y, tensors
 
     def one(tangent):
+        if not keep:  # (fn's outputs are not asked for: no auxiliary outputs through the transform)
+            y, tan = jvp(lambda v: g(v)[0], (x,), (tangent,))
+            return tan, (y, ())
         y, tan, aux = jvp(g, (x,), (tangent,), has_aux=True)
         return tan, (y, aux)
 
@@ -363,9 +370,12 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         c1 = min(c0 + step, pairs)
         pair = torch.arange(c0, c1, device=x.device)
         c, col = pair // m, pair % m
-        tangents = torch.zeros((c1 - c0, m), dtype=x.dtype, device=x.device)
-        tangents[torch.arange(c1 - c0, device=x.device), col] = 1
-        tangents = tangents.reshape(c1 - c0, *t.shape)
+        if m == 1:  # (a scalar target, seed 000's C: no one-hot to scatter)
+            tangents = torch.ones((c1 - c0, *t.shape), dtype=x.dtype, device=x.device)
+        else:
+            tangents = torch.zeros((c1 - c0, m), dtype=x.dtype, device=x.device)
+            tangents[torch.arange(c1 - c0, device=x.device), col] = 1
+            tangents = tangents.reshape(c1 - c0, *t.shape)
         if d is not None:  # e_col on the samples of colour c (all samples: broadcast)
             tangents = tangents.unsqueeze(1 + d)
             if colours is None:
@@ -410,7 +420,7 @@ def _forward(spec: Spec, plan: Plan, args: list, n: int, k: int, colours, calls)
         j = torch.zeros((n, m, vals.shape[1]), dtype=vals.dtype, device=vals.device).index_put((ji, ci), vals)
         j = j.movedim(1, -1)
     j = j.reshape(n, *plan.out_shape, *t.shape)
-    return j, rebuild_box[0](aux)
+    return j, rebuild_box[0](aux) if keep else None
 
 
 def forward_refused(e: RuntimeError, shared: bool = False) -> RuntimeError:

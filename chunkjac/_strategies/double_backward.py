@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import _autograd
 from .._function import call, detach_all, select
 from .._plan import Plan
 from .._spec import Spec
@@ -103,7 +104,7 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor 
                     h_rows.append(zeros[:, 0])
                     j_rows.append(zeros[:, 0, :, 0])
                     continue
-                (g,) = torch.autograd.grad(yf[:, r], x, w, retain_graph=True, create_graph=True, allow_unused=True)
+                (g,) = _autograd.grad(yf[:, r], x, w, retain_graph=True, create_graph=True, allow_unused=True)
                 g = torch.zeros_like(x) if g is None else g
                 gf = g.movedim(dim, 0).reshape(n, dims)  # (n, D): row r of every sample's Jacobian
                 j_rows.append(gf)
@@ -131,13 +132,13 @@ def _hessian_rows(gf: torch.Tensor, x: torch.Tensor, dim: int, w: torch.Tensor, 
         if k1 - k0 == 1:
             cot = torch.zeros_like(gf)
             cot[:, k0] = w
-            (h,) = torch.autograd.grad(gf, x, cot, retain_graph=True, create_graph=create, allow_unused=True)
+            (h,) = _autograd.grad(gf, x, cot, retain_graph=True, create_graph=create, allow_unused=True)
             h = torch.zeros_like(x) if h is None else h
             out.append(h.movedim(dim, 0).reshape(n, 1, dims))
         else:
             cot = torch.zeros((k1 - k0, n, dims), dtype=gf.dtype, device=gf.device)
             cot[torch.arange(k1 - k0), :, torch.arange(k0, k1)] = w
-            (h,) = torch.autograd.grad(gf, x, cot, retain_graph=True, create_graph=create, allow_unused=True,
+            (h,) = _autograd.grad(gf, x, cot, retain_graph=True, create_graph=create, allow_unused=True,
                                        is_grads_batched=True)
             h = torch.zeros((k1 - k0, *x.shape), dtype=gf.dtype, device=gf.device) if h is None else h
             out.append(h.movedim(dim + 1, 1).reshape(k1 - k0, n, dims).transpose(0, 1))
