@@ -1,6 +1,7 @@
 """Issue 5's acceptance run: dump 10^6 samples of the PINN MLP 3 -> 256 x 3 -> 3 with a budget far
 below the result, SIGKILL the dump in the middle, run the same command again, and compare the file
-with an uninterrupted dump of the same command, sample by sample.
+with an uninterrupted dump of the same command, sample by sample (all with --deterministic, so that
+the comparison is bit for bit).
 
     python benchmarks/dump_resume.py [--samples 1000000] [--budget 8MB] [--kill-after 0.5] [--dir DIR]
 
@@ -40,8 +41,10 @@ MODEL, WRT = "pinn", None
 
 
 def dump(folder, out, budget, quiet=True):
+    # --deterministic: no candidate timed on the first chunks, so the comparison can be bit for bit
+    # (without it the first chunks of either run may come from another exact candidate: equal to rounding).
     return [sys.executable, "-m", "chunkjac", "dump", f"{folder}/model.py:{MODEL}", f"{folder}/x.npy", out,
-            "--budget", budget] + (["--quiet"] if quiet else []) + (["--wrt", WRT] if WRT else [])
+            "--budget", budget, "--deterministic"] + (["--quiet"] if quiet else []) + (["--wrt", WRT] if WRT else [])
 
 
 def main():

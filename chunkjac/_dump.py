@@ -188,9 +188,12 @@ def _open_locked(spec: Spec, plan: Plan, path: str, files: list, resume: bool, d
                         f"chunkjac: {f} holds {array.dtype} of shape {tuple(array.shape)}, but its manifest describes "
                         f"{dtype} of shape {tuple(shape)}; delete both files to start over.")
                 arrays.append(array)
-            p = dataclasses.replace(plan, modes=tuple(m["plan"]["modes"]), rows_per_vjp=m["plan"]["rows_per_vjp"],
+            # The recorded plan as it was, its trials not timed again: each chunk is computed as an
+            # uninterrupted run of that plan computes it.
+            p = dataclasses.replace(plan, strategy=m["plan"].get("strategy", plan.strategy),
+                                    modes=tuple(m["plan"]["modes"]), rows_per_vjp=m["plan"]["rows_per_vjp"],
                                     cols_per_jvp=m["plan"]["cols_per_jvp"],
-                                    chunk_size=max(b - a for a, b in m["chunks"]))
+                                    chunk_size=max(b - a for a, b in m["chunks"]), trials=())
             sink = _sink(path, arrays, m, spec.batch_size, lock, job)
             done, total = len(m["done"]), len(m["chunks"])
             if m["complete"] or done == total:

@@ -163,6 +163,8 @@ def load(path: str) -> dict | None:
         assert isinstance(m["complete"], bool)
         p = m["plan"]
         assert isinstance(p["modes"], list) and isinstance(p["rows_per_vjp"], int) and isinstance(p["cols_per_jvp"], int)
+        from ._strategies import STRATEGIES
+        assert p.get("strategy", "coloured") in STRATEGIES, f"unknown strategy {p.get('strategy')!r}"
         m["chunks"] = chunks
         m["done"] = set(m["done"])
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
