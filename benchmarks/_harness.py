@@ -45,3 +45,4 @@ def interleaved_table(name: str, methods: dict, rounds: int) -> None:
         t = statistics.median(times[k])
         print(f"| {k} | {t:.3f} | {t / base:.2f} | {peaks[k] / 1e6:,.0f} |")
     print(flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}

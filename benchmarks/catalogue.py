@@ -39,7 +39,10 @@ segfault or sleep on the matching cases; with --second, CATALOGUE_REF_HANG_ON=..
 sleep.)
 
 Second derivatives (``--second``): the same cases run through ``chunkjac.laplacian``,
-``chunkjac.hessian(part="diagonal")`` and ``chunkjac.hessian(part="full")`` (``--parts`` picks a subset),
+``chunkjac.hessian(part="diagonal")``, ``chunkjac.hessian(part="full")`` and the PDE operators the
+Hessian reference verifies: ``dims`` (the Laplacian over the first half of the coordinates),
+``weighted`` (``laplacian(weights=C)``, C a fixed indefinite symmetric matrix) and ``mixed``
+(``chunkjac.derivatives`` of the partials (0, D-1) and (D-1, D-1)) (``--parts`` picks a subset),
 one record per part (key "<case>+<part>", field ``part``). The reference, computed once per case after
 chunkjac answered (it has its own time limit, --ref-timeout; past it, or if it crashes the worker, the
 case is skipped, not counted as hang or crash, and the case's other parts go without it), is
@@ -109,7 +112,13 @@ RTOL2, ATOL2 = 1e-5, 1e-7
 MAX_REF2_ELEMENTS = 20_000_000
 MAX_REF2_ROWS = 10_000
 MAX_REF2_WORK = 1_000_000_000
-PARTS = ("laplacian", "diagonal", "full")
+PARTS = ("laplacian", "diagonal", "full", "dims", "weighted", "mixed")
+# The operators of PDE residuals that the Hessian reference verifies: "dims" the Laplacian over the
+# first half of the coordinates (chunkjac.laplacian(dims=...)), "weighted" sum_jk C_jk H_jk for a fixed
+# indefinite symmetric C (laplacian(weights=C)), "mixed" the partials (0, D-1) and (D-1, D-1)
+# (chunkjac.derivatives, stacked on a last dim). The third- and fourth-order operators are checked
+# against nested autograd in tests/test_operators.py.
+NEEDS_FULL = ("full", "weighted", "mixed")  # parts read off-diagonal Hessian entries
 
 # --quick: elementwise, reductions, matrix products, scans and sorts along dims, indexing, broadcasting,
 # convolutions, normalizations, random ops, linear algebra; modules with and without batch coupling.
@@ -392,11 +401,44 @@ def per_sample_reference(f, x, how: str):
     return torch.stack(hs)
 
 
+def half(x) -> tuple:
+    return tuple(range(max(1, x[0].numel() // 2)))
+
+
+def weights(x):
+    import torch
+    d = x[0].numel()
+    c = torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return c + c.T
+
+
+def operator_api(part: str, x):
+    """The chunkjac call of an operator part on batched input x: (fn, inputs, **kw) -> a tensor."""
+    import torch
+    import chunkjac
+    d = x[0].numel()
+    if part == "dims":
+        return lambda *a, **k: chunkjac.laplacian(*a, dims=half(x), **k)
+    if part == "weighted":
+        return lambda *a, **k: chunkjac.laplacian(*a, weights=weights(x), **k)
+    terms = {"xy": (0, d - 1), "yy": (d - 1, d - 1)}
+    return lambda *a, **k: torch.stack(list(chunkjac.derivatives(*a, terms, **k).values()), -1)
+
+
 def second_part(h, x, part: str, full=True):
     """The part of per-sample Hessians h (B, *out, *in, *in), or of their diagonals (B, *out, *in)
     where not ``full``."""
     if part == "full":
         return h
+    if part in ("weighted", "mixed"):
+        n = x[0].numel()
+        flat = h.reshape(*h.shape[: h.dim() - 2 * x[0].dim()], n, n)
+        if part == "mixed":
+            return torch_stack([flat[..., 0, n - 1], flat[..., n - 1, n - 1]])
+        return (flat * weights(x).to(flat.dtype)).sum((-2, -1))
+    if part == "dims":
+        d = second_part(h, x, "diagonal", full)
+        return d.reshape(*d.shape[: d.dim() - x[0].dim()], -1)[..., list(half(x))].sum(-1)
     k = x[0].dim()
     if full:
         flat = h.reshape(*h.shape[: h.dim() - 2 * k], x[0].numel(), x[0].numel())
@@ -404,6 +446,11 @@ def second_part(h, x, part: str, full=True):
     else:
         d = h.reshape(*h.shape[: h.dim() - k], x[0].numel())
     return d.reshape(*d.shape[:-1], *x.shape[1:]) if part == "diagonal" else d.sum(-1)
+
+
+def torch_stack(ts):
+    import torch
+    return torch.stack(ts, -1)
 
 
 def run_chunkjac(rec: dict, call):
@@ -453,7 +500,7 @@ def run_second(rec: dict, call, f, x, y, part: str, cache: dict) -> dict:
             or b * n_out * n_in > MAX_REF2_ELEMENTS):
         return dict(rec, cls="skipped", message=f"too large for the second-order reference "
                                                 f"(B*out = {b * n_out}, D = {n_in}, B = {b})")
-    if part == "full" and not full:
+    if part in NEEDS_FULL and not full:
         return dict(rec, cls="skipped", message=f"too large for the second-order reference's full Hessians "
                                                 f"(B*out = {b * n_out}, D = {n_in})")
     j = run_chunkjac(rec, call)
@@ -640,7 +687,8 @@ def second_cases(cases, parts, no_ref=frozenset(), say=None):
             cache.update(ref=TimeoutError("the reference ran out of time on another part of this case"),
                          ref_seconds=None)
         for part in parts:
-            yield f"{key}+{part}", dict(rec), (lambda call=call, api=apis[part]: call(api=api)), f, x, part, cache
+            api = apis[part] if part in apis else operator_api(part, x)
+            yield f"{key}+{part}", dict(rec), (lambda call=call, api=api: call(api=api)), f, x, part, cache
 
 
 def worker() -> None:
@@ -946,7 +994,7 @@ def main(argv=None):
     ap.add_argument("--ref-timeout", type=float, default=300.0, help="with --second: seconds the reference "
                     "may take per case after chunkjac answered; past it the case is skipped (default 300)")
     ap.add_argument("--parts", default=",".join(PARTS), help="with --second: the parts to run, comma-separated "
-                    "(default laplacian,diagonal,full)")
+                    f"(default {','.join(PARTS)})")
     ap.add_argument("--quick", action="store_true", help="a representative subset, under 3 minutes")
     ap.add_argument("--one-process", action="store_true", help="keep chunkjac's remembered decisions across cases "
                     "(each worker runs every case it gets in one interpreter without probe_cache.clear()): where a "

@@ -2,7 +2,7 @@
 
     J = chunkjac.compute(model, x, budget="20GB")     # (B, *out, *in), J[i] = dy_i/dx_i
 """
-from ._api import compute, hessian, laplacian, plan
+from ._api import bilaplacian, compute, derivatives, divergence, hessian, laplacian, operator, plan
 from ._call import plan_cache, probe_cache
 from ._declared import hops
 from ._errors import BudgetError, CouplingError, CouplingWarning, DistributedError, TooLongError
@@ -12,7 +12,7 @@ from ._plan import Plan
 from ._plancache import PlanCache
 from ._version import __version__
 
-__all__ = ["compute", "hessian", "laplacian", "plan", "jacobian_of", "hops", "Plan", "BudgetError", "CouplingError",
+__all__ = ["compute", "hessian", "laplacian", "bilaplacian", "divergence", "derivatives", "operator", "plan", "jacobian_of", "hops", "Plan", "BudgetError", "CouplingError",
            "CouplingWarning", "DistributedError", "TooLongError",
            "ProbeCache", "probe_cache", "PlanCache", "plan_cache", "__version__"]
 

@@ -13,7 +13,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
-from . import _call, _request
+from . import _call, _operators, _request
 from ._errors import passes_through
 from ._function import FnError
 from ._plan import Plan
@@ -47,8 +47,8 @@ def _public(api):
 
 def _binding_error(name: str, sig: inspect.Signature, kwargs: dict, e: TypeError) -> str:
     unknown = [k for k in kwargs if k not in sig.parameters]
-    if name == "laplacian" and "part" in unknown:
-        return "chunkjac.laplacian() takes no part=; use chunkjac.hessian(..., part=...)."
+    if name in ("laplacian", "bilaplacian", "divergence", "derivatives") and "part" in unknown:
+        return f"chunkjac.{name}() takes no part=; use chunkjac.hessian(..., part=...)."
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(sig.parameters), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sig.parameters)}."
@@ -307,11 +307,26 @@ def hessian(
     return _call.run(_request.make("hessian", **locals()))
 
 
+_OPERATOR_KEYWORDS = dict(wrt=0, output=None, in_dims=0, mode="auto", coupling="auto", create_graph=False,
+                          return_outputs=False, budget=None, device=None, chunk_size=None, progress=None,
+                          max_seconds=MAX_SECONDS, out=None, resume=True, plan=None, check_coupling=True)
+
+
+def _operator_call(api: str, fn, inputs, part, given: dict, return_jacobian: bool = False):
+    kw = {k: given[k] for k in _OPERATOR_KEYWORDS}
+    return _call.run(_request.make(api, fn, inputs, part=part, return_jacobian=return_jacobian, **kw))
+
+
 @_public
 def laplacian(
     fn: Callable,
     inputs: Any,
     *,
+    dims: Any = None,
+    weights: Any = None,
+    samples: int | None = None,
+    seed: int | None = None,
+    distribution: str = "rademacher",
     wrt: Any = 0,
     output: Any = None,
     in_dims: Any = 0,
@@ -330,11 +345,165 @@ def laplacian(
     plan: Plan | None = None,
     check_coupling: bool = True,
 ):
-    """Per-sample Laplacians ``sum_k d^2 fn(x)_i / d x_{i,k}^2``, shape (B, *out): ``hessian(fn, inputs,
-    part="laplacian", ...)`` with the same keywords, by Taylor mode's forward Laplacian where fn allows.
+    """Per-sample Laplacians ``sum_k d^2 fn(x)_i / d x_{i,k}^2``, shape (B, *out), by Taylor mode's
+    forward Laplacian where fn allows (reverse mode where it does not).
+
+    Args:
+        dims: indices 0 ... D-1 into the flattened per-sample input of ``wrt`` (no negative indices):
+            the Laplacian over those coordinates only (the spatial part of u(x, y, t)).
+        weights: a symmetric (d, d) tensor shared by all samples, or (B, d, d) one per sample (d =
+            len(dims), else D): ``sum_jk C_jk d^2 u / dx_j dx_k``. Exact for any symmetric C: a
+            positive semi-definite C of rank r costs r directions (C = S S^T), an indefinite one its
+            r eigenvectors with signed weights (per sample: 2 d directions, its positive and negative
+            parts).
+        samples, seed, distribution: an unbiased estimate from ``samples`` random directions per
+            sample (``"rademacher"``, or ``"gaussian"``), the same bits for the same seed whatever the
+            chunking, the budget or the number of processes.
+        return_jacobian: also return the first derivatives (B, *out, *in), from the same pass (the
+            plain Laplacian only).
+        The others as in :func:`hessian`.
+
+    Cost: one forward pass per chunk carrying 2 + k vectors per tensor (k = D, the rank of C, 2d, or
+    ``samples``).
 
     Example (a PINN's residual of the Poisson equation):
         >>> lap_u, u = chunkjac.laplacian(model, x, return_outputs=True, create_graph=True)
         >>> loss = ((lap_u - f(x)) ** 2).mean()
     """
-    return _call.run(_request.make("laplacian", part="laplacian", **locals()))
+    given = locals()
+    plain = dims is None and weights is None and samples is None and seed is None and distribution == "rademacher"
+    part = "laplacian" if plain else _operators.Builder("laplacian", (
+        ("dims", dims), ("weights", weights), ("samples", samples), ("seed", seed), ("distribution", distribution),
+        ("return_jacobian", return_jacobian)))
+    return _operator_call("laplacian", fn, inputs, part, given, return_jacobian if plain else False)
+
+
+@_public
+def bilaplacian(
+    fn: Callable,
+    inputs: Any,
+    *,
+    dims: Any = None,
+    samples: int | None = None,
+    seed: int | None = None,
+    distribution: str = "rademacher",
+    wrt: Any = 0,
+    output: Any = None,
+    in_dims: Any = 0,
+    mode: str = "auto",
+    coupling: Any = "auto",
+    create_graph: bool = False,
+    return_outputs: bool = False,
+    budget: int | str | None = None,
+    device: Any = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+    max_seconds: float | None = MAX_SECONDS,
+    out: Any = None,
+    resume: bool = True,
+    plan: Plan | None = None,
+    check_coupling: bool = True,
+):
+    """Per-sample bi-Laplacians ``sum_jk d^4 fn(x)_i / dx_j^2 dx_k^2``, shape (B, *out), by fourth-order
+    Taylor mode: exact (2^(d-1) + d directions for d <= 5 coordinates, d^2 above), or an unbiased
+    estimate from ``samples`` random directions (``seed``, ``distribution`` as in :func:`laplacian`).
+    ``dims`` and the other keywords as in :func:`laplacian`.
+
+    Cost: one forward pass per chunk carrying 2 + 3k vectors per tensor (k directions, their first
+    three Taylor coefficients and one collapsed fourth-order term)."""
+    given = locals()
+    part = _operators.Builder("bilaplacian", (("dims", dims), ("samples", samples), ("seed", seed),
+                                              ("distribution", distribution)))
+    return _operator_call("bilaplacian", fn, inputs, part, given)
+
+
+@_public
+def divergence(
+    fn: Callable,
+    inputs: Any,
+    *,
+    samples: int | None = None,
+    seed: int | None = None,
+    distribution: str = "rademacher",
+    wrt: Any = 0,
+    output: Any = None,
+    in_dims: Any = 0,
+    mode: str = "auto",
+    coupling: Any = "auto",
+    create_graph: bool = False,
+    return_outputs: bool = False,
+    budget: int | str | None = None,
+    device: Any = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+    max_seconds: float | None = MAX_SECONDS,
+    out: Any = None,
+    resume: bool = True,
+    plan: Plan | None = None,
+    check_coupling: bool = True,
+):
+    """Per-sample divergences ``sum_k d fn(x)_{i,k} / d x_{i,k}`` (the trace of each sample's Jacobian),
+    shape (B,), for fn whose per-sample output has the per-sample input's shape: exact, one forward
+    pass carrying D directions; or Hutchinson's unbiased estimate from ``samples`` random directions
+    (``seed``, ``distribution`` as in :func:`laplacian`). The other keywords as in :func:`hessian`.
+
+    Example (a continuous normalising flow's log-density change):
+        >>> div = chunkjac.divergence(velocity, z)   # (B,)
+    """
+    given = locals()
+    part = _operators.Builder("divergence", (("samples", samples), ("seed", seed), ("distribution", distribution)))
+    return _operator_call("divergence", fn, inputs, part, given)
+
+
+@_public
+def derivatives(
+    fn: Callable,
+    inputs: Any,
+    terms: dict,
+    *,
+    wrt: Any = 0,
+    output: Any = None,
+    in_dims: Any = 0,
+    mode: str = "auto",
+    coupling: Any = "auto",
+    create_graph: bool = False,
+    return_outputs: bool = False,
+    budget: int | str | None = None,
+    device: Any = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+    max_seconds: float | None = MAX_SECONDS,
+    out: Any = None,
+    resume: bool = True,
+    plan: Plan | None = None,
+    check_coupling: bool = True,
+):
+    """Named partial derivatives of orders 1 to 4, all from one pass: ``{name: (B, *out)}``.
+
+    Args:
+        terms: maps a name to a multi-index of per-sample input coordinates (indices into the
+            flattened per-sample input of ``wrt``), e.g. ``{"u_t": (2,), "u_xx": (0, 0), "u_xy":
+            (0, 1), "u_xxxx": (0, 0, 0, 0)}``.
+        out: a folder (one ``<name>.npy`` per term) or a dict of preallocated tensors.
+        The others as in :func:`hessian`; with ``return_outputs`` the result is ``(dict, outputs)``.
+
+    Cost: orders 1-2, one pass carrying the value, one direction per coordinate named and one
+    second-order term per second derivative (a mixed u_xy directly, not by polarisation); orders 3-4,
+    the directions the terms need (distinct sums of their coordinates' axes, by polarisation) with
+    Taylor coefficients up to the highest order, that order's terms collapsed.
+
+    Example (Burgers' equation, u(x, t)):
+        >>> d = chunkjac.derivatives(u, xt, {"u_x": (0,), "u_t": (1,), "u_xx": (0, 0)}, create_graph=True,
+        ...                          return_outputs=True)
+        >>> (du, u_val) = d; residual = du["u_t"] + u_val * du["u_x"] - nu * du["u_xx"]
+    """
+    given = locals()
+    return _operator_call("derivatives", fn, inputs, _operators.Builder("derivatives", (("terms", terms),)), given)
+
+
+def operator(name: str, **options):
+    """The operator ``chunkjac.<name>(fn, x, **options)`` computes, to plan it ahead:
+    ``p = chunkjac.plan(fn, x, part=chunkjac.operator("laplacian", dims=(0, 1)))``, then
+    ``chunkjac.laplacian(fn, x, dims=(0, 1), plan=p)``. ``name``: ``"laplacian"``, ``"bilaplacian"``,
+    ``"divergence"`` or ``"derivatives"`` (hessian's parts are passed by name: ``part="full"``)."""
+    return _operators.operator(name, **options)

@@ -171,7 +171,7 @@ def prepare(req: Request, seen: Watch) -> Decision:
     if req.plan is not None:
         spec, p = _pinned(req)
         _check_outputs(p, spec.return_outputs)
-        return Decision(spec, p, lambda q: None)
+        return Decision(spec, own_operator(p, spec), lambda q: None)
     key = _decision_key(req, seen.key)
     coupling, mode, p, warning, on_disk = probe_cache.get(key, spec.fn, lambda: _decide(req, seen.key),
                                                           every=probe_cache.recheck_every, state=seen.state)
@@ -179,12 +179,22 @@ def prepare(req: Request, seen: Watch) -> Decision:
         warn(warning, CouplingWarning)
     spec = evolve(spec, coupling=coupling, mode=mode)
     _check_outputs(p, spec.return_outputs)
+    p = own_operator(p, spec)
 
     def settle(q: Plan) -> None:
         probe_cache.update(key, lambda v: (*v[:2], q, *v[3:]))
         plan_cache.store(on_disk, q)
 
     return Decision(spec, p, settle)
+
+
+def own_operator(p: Plan, spec: Spec) -> Plan:
+    """``p`` computing this call's operator: a plan remembered (or given) for an operator of the same
+    structure holds that call's, whose seed or per-sample weights may differ (see Operator)."""
+    if spec.part is None or (p.part is spec.part and all(q.part is spec.part for q in p.trials)):
+        return p
+    return dataclasses.replace(p, part=spec.part, trials=tuple(dataclasses.replace(q, part=spec.part)
+                                                               for q in p.trials))
 
 
 def _decision_key(req: Request, guard: tuple | None) -> tuple | None:

@@ -212,9 +212,10 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
     else:
         print(f"plan: {p}", flush=True)
-        per_out = {None: sum(p.in_numels), "laplacian": 1, "diagonal": p.in_numels[0],
-                   "full": p.in_numels[0] ** 2}[p.part]
-        size = p.batch_size * math.prod(p.out_shape) * per_out * p.dtype.itemsize
+        if p.part is None:
+            size = p.batch_size * math.prod(p.out_shape) * sum(p.in_numels) * p.dtype.itemsize
+        else:
+            size = sum(math.prod(s) for s in p.part.result_shapes(p.batch_size, p.out_shape)) * p.dtype.itemsize
         print(f"      the estimate is compute only; writing {format_bytes(size)} to {out} comes on top "
               "(at the disk's speed)", flush=True)
     t = time.perf_counter()

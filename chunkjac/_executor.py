@@ -287,7 +287,7 @@ def _result(spec: Spec, plan: Plan, jacs: list, outputs):
     if not spec.return_outputs:
         return result
     # Second derivatives come back flat: (H, outputs) or (H, J, outputs), as a PINN loss reads them.
-    return (*jacs, outputs) if spec.part is not None else (result, outputs)
+    return (*jacs, outputs) if spec.part is not None and spec.keys is None else (result, outputs)
 
 
 def _flat(jacs: list, plan: Plan) -> torch.Tensor:

@@ -17,10 +17,18 @@ from ._inputs import Source
 from ._spec import Spec, _FLOATS, _describe
 
 
+class Chunk(list):
+    """A chunk's positional arguments, knowing where the chunk starts in the batch (an operator's
+    directions drawn per sample depend on the sample's index, never on the chunking)."""
+
+    start = 0
+
+
 def chunk_args(spec: Spec, start: int, stop: int) -> list:
     """The positional arguments for samples [start, stop) on the compute device: batched inputs
     narrowed (and copied there if they live elsewhere; pinned, non-blocking on CUDA), others as given."""
-    out = []
+    out = Chunk()
+    out.start = start
     whole = start == 0 and stop == spec.batch_size
     for a, d in zip(spec.args, spec.in_dims):
         if isinstance(a, Source):

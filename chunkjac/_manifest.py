@@ -124,7 +124,7 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
         "bounds": None if c.bounds is None else _digest(torch.from_numpy(np.asarray(c.bounds)))}
     fp["result"] = {"shape": list(shape), "dtype": str(dtype)}
     if spec.part is not None:  # a Hessian's diagonal has a Jacobian's shape: say which it is
-        fp["result"]["part"] = spec.part
+        fp["result"]["part"] = f"{spec.part} ({spec.part.full_digest})"
     return fp
 
 

@@ -111,7 +111,8 @@ class PlanCache:
         entry = {"format": FORMAT, "key": key, "torch": torch.__version__, "chunkjac": _version.__version__,
                  "plan": {"strategy": plan.strategy, "modes": list(plan.modes), "rows_per_vjp": plan.rows_per_vjp,
                           "cols_per_jvp": plan.cols_per_jvp, "chunk_size": plan.chunk_size,
-                          "peak_bytes": plan.peak_bytes, "part": plan.part}}
+                          "peak_bytes": plan.peak_bytes,
+                          "part": None if plan.part is None else plan.part.digest}}
         folder = self.path
         try:
             os.makedirs(folder, exist_ok=True)
@@ -168,7 +169,7 @@ def _valid(p: Any) -> bool:
             and all(m in ("forward", "reverse") for m in modes)
             and all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 1
                     for k in ("rows_per_vjp", "cols_per_jvp", "chunk_size"))
-            and isinstance(p.get("peak_bytes"), int) and p.get("part") in (None, "full", "diagonal", "laplacian"))
+            and isinstance(p.get("peak_bytes"), int) and (p.get("part") is None or isinstance(p.get("part"), str)))
 
 
 def _device_name(device: torch.device) -> str:

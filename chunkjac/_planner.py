@@ -115,6 +115,8 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
     """
     cache, key = _keyed(cache, spec, str(device))
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec))
+    if spec.part is not None:
+        spec.part.check_output(p.out_shape)
     ranked = sorted((c for s in STRATEGIES.values() for c in s.candidates(spec, p, device)), key=lambda c: c[1])
     first, kept = None, None
     if remembered is not None:
@@ -172,7 +174,10 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
     plan = dataclasses.replace(plan, chunk_size=n, peak_bytes=int(m.peak(n)), budget_bytes=budget_bytes,
                                batched_outputs=p.batched_outputs, result_bytes=adopted)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    if first is None and not deterministic and plan.num_chunks >= TRIAL_CHUNKS:
+    # Under create_graph the user pays the forward pass and the backward of the step, and the run times
+    # only the forward: the cost model decides, the same way in every run (a loaded machine once made
+    # a PINN step switch strategies from run to run).
+    if first is None and not deterministic and not spec.create_graph and plan.num_chunks >= TRIAL_CHUNKS:
         trials = []
         for q, c in ranked:
             if len(trials) == min(TRIALS_MAX, plan.num_chunks // TRIAL_CHUNKS) or c > TRIAL_COST * cost or \
@@ -193,7 +198,8 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
 
 def _choice(plan: Plan) -> tuple:
     """What distinguishes candidates: the strategy, modes and vectorisation."""
-    return (plan.strategy, plan.part, plan.modes, plan.rows_per_vjp, plan.cols_per_jvp)
+    return (plan.strategy, None if plan.part is None else plan.part.digest, plan.modes, plan.rows_per_vjp,
+            plan.cols_per_jvp)
 
 
 def _runs(spec: Spec, plan: Plan) -> bool:
@@ -281,6 +287,8 @@ def make_coupled_plan(spec: Spec, coupling: Coupling, device: torch.device, budg
     cache, key = _keyed(cache, spec, str(device), "coupled", coupling.kind, coupling.batch_size, coupling.unit,
                         coupling.num_colours, spec.part, spec.return_jacobian)
     p = cache.get(key + ("probe",), spec.fn, lambda: probe(spec, coupling))
+    if spec.part is not None:
+        spec.part.check_output(p.out_shape)
     n_out = p.out_numel
     batched_in = sum(t.numel for t in spec.targets if t.batched)
     shared_in = sum(t.numel for t in spec.targets if not t.batched)

@@ -62,7 +62,7 @@ class Spec:
     return_outputs: bool
     device: torch.device      # where chunks are computed
     home: torch.device        # where the batched inputs live, and the results go
-    part: str | None = None   # second derivatives: "full", "diagonal" or "laplacian"; None: the Jacobian
+    part: Any = None          # derivatives of higher order: an _operators.Operator; None: the Jacobian
     return_jacobian: bool = False  # with part: the first derivatives too, from the same pass
     keys: tuple | None = None  # a dict result (wrt="params" or a list): its keys, one per target
     flat: bool = False         # a dict's Jacobians concatenated along their last dim: (B, *out, P)
@@ -71,17 +71,16 @@ class Spec:
     @property
     def results(self) -> int:
         """How many result tensors a run fills: one per wrt target, or the part (and the Jacobian)."""
-        return len(self.targets) if self.part is None else 1 + self.return_jacobian
+        return len(self.targets) if self.part is None else len(self.part.reads)
 
     def result_shapes(self, out_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """(B, *out, *in) per target; for a part: (B, *out) Laplacian, (B, *out, *in) diagonal,
-        (B, *out, *in, *in) full Hessian, then (B, *out, *in) for the Jacobian when asked."""
+        """(B, *out, *in) per target; for an operator, its results (Operator.result_shapes): (B, *out)
+        Laplacian, (B, *out, *in) diagonal, (B, *out, *in, *in) full Hessian, then (B, *out, *in) for
+        the Jacobian when asked; (B,) divergence; (B, *out) per named derivative."""
         b = self.batch_size
         if self.part is None:
             return [(b, *out_shape, *t.shape) for t in self.targets]
-        x = self.targets[0].shape
-        extra = {"laplacian": (), "diagonal": x, "full": (*x, *x)}[self.part]
-        return [(b, *out_shape, *extra)] + ([(b, *out_shape, *x)] if self.return_jacobian else [])
+        return self.part.result_shapes(b, out_shape)
 
     def param(self, name: str) -> torch.Tensor:
         return _module_tensors(self.fn)[name]
@@ -129,8 +128,9 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
         raise ValueError("chunkjac: flat=True concatenates the Jacobians of a dict result (wrt='params' or a list "
                          f"of names); wrt={wrt!r} gives {'one tensor' if single else 'a tuple'}.")
     if part is not None:
-        _check_part(part, targets, wrt)
-        single = not return_jacobian
+        part = _operator(part, targets, wrt, batch_size, return_jacobian)
+        single = len(part.reads) == 1 and part.names is None
+        keys = part.names
     coupling = from_argument(coupling, batch_size)
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
@@ -139,15 +139,22 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
                 to_memory=bool(to_memory))
 
 
-def _check_part(part, targets, wrt) -> None:
-    if part not in PARTS:
+def _operator(part, targets, wrt, batch_size: int, return_jacobian: bool):
+    """The Operator a call computes: hessian's part by name, or the one a builder makes for the
+    target's per-sample shape (laplacian's, bilaplacian's, divergence's, derivatives's arguments are
+    checked there)."""
+    from . import _operators
+    if isinstance(part, str) and part not in PARTS or not (isinstance(part, str) or callable(part)):
         raise ValueError(f"chunkjac: part must be one of {PARTS}, got {part!r}: 'full' gives (B, *out, *in, *in), "
                          "'diagonal' (B, *out, *in), 'laplacian' (B, *out).")
     if len(targets) != 1 or targets[0].kind != "input" or not targets[0].batched:
         raise ValueError(
-            f"chunkjac: second derivatives are taken w.r.t. one batched input (wrt=<its index>), got wrt={wrt!r}. "
-            "For several inputs, concatenate them into one inside fn (fn(torch.cat([x, t], -1)) with wrt=0); "
-            "for a loss's derivatives w.r.t. parameters, use create_graph=True and autograd on the result.")
+            f"chunkjac: derivatives of higher order are taken w.r.t. one batched input (wrt=<its index>), got "
+            f"wrt={wrt!r}. For several inputs, concatenate them into one inside fn (fn(torch.cat([x, t], -1)) with "
+            "wrt=0); for a loss's derivatives w.r.t. parameters, use create_graph=True and autograd on the result.")
+    if isinstance(part, str):
+        return _operators.hessian_part(part, targets[0].shape, bool(return_jacobian))
+    return part(targets[0].shape, batch_size)
 
 
 def _shared(a: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import warnings
 import weakref
@@ -38,7 +39,9 @@ import torch.nn.functional as F
 from torch.func import jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _taylor4
 from ._function import load_forward_decompositions
+from ._taylor4 import Layout4
 
 PARTS = ("full", "diagonal", "laplacian")
 
@@ -63,18 +66,69 @@ def taylor_pass():
 
 @dataclass(frozen=True)
 class Layout:
-    """How a jet's stack is laid out: D first-order directions, then s second-order terms."""
+    """How a jet's stack is laid out: D first-order directions, then s second-order terms.
+
+    part "laplacian": one term, sum_k D^2[v_k, v_k]; "diagonal": D^2[v_k, v_k] each; "full": every
+    D^2[v_k, v_l]; "first": none; "pairs": terms t = sum_p coef_p D^2[v_k(p), v_l(p)] over ``pairs``
+    ((k, l, t, coef), ...), the terms of an operator (see _operators)."""
 
     dims: int
     part: str
+    pairs: tuple = ()
+    nterms: int = 0
 
     @property
     def terms(self) -> int:
-        return {"laplacian": 1, "diagonal": self.dims, "full": self.dims * self.dims}[self.part]
+        return {"laplacian": 1, "diagonal": self.dims, "full": self.dims * self.dims, "first": 0,
+                "pairs": self.nterms}[self.part]
 
     @property
     def size(self) -> int:
         return self.dims + self.terms
+
+    @functools.cached_property
+    def _index(self) -> tuple:
+        """(k, l, term) index tensors and coefficients of the pairs, on the CPU, and whether all are k == l."""
+        k, l, t, c = (zip(*self.pairs) if self.pairs else ((), (), (), ()))
+        return (torch.tensor(k, dtype=torch.long), torch.tensor(l, dtype=torch.long), torch.tensor(t, dtype=torch.long),
+                torch.tensor(c, dtype=torch.float64), all(a == b for a, b in zip(k, l)))
+
+    @functools.cached_property
+    def simple(self):
+        """For pairs that are one direction's square each, coefficient 1, term t the t-th pair (u_xx,
+        u_yy of a heat residual): their directions, a slice where consecutive; else None."""
+        if self.part != "pairs":
+            return None
+        k, l, t, c, square = self._index
+        if not (square and len(k) == self.nterms and torch.equal(t, torch.arange(self.nterms))
+                and bool((c == 1).all())):
+            return None
+        ks = k.tolist()
+        return slice(ks[0], ks[0] + len(ks)) if ks == list(range(ks[0], ks[0] + len(ks))) else k
+
+    @property
+    def squares(self):
+        """(directions, summed) where every second-order term is a square of directions (see
+        _FusedSquares), else None."""
+        if self.part == "laplacian":
+            return slice(0, self.dims), True
+        if self.simple is not None:
+            return self.simple, False
+        return None
+
+    def _on(self, like: torch.Tensor) -> tuple:
+        cache = self.__dict__.setdefault("_placed", {})
+        key = (like.device, like.dtype)
+        if key not in cache:
+            k, l, t, c, square = self._index
+            cache[key] = (k.to(like.device), l.to(like.device), t.to(like.device), c.to(like.device, like.dtype), square)
+        return cache[key]
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(P, *shape) per-pair values -> (T, *shape) terms, each pair times its coefficient."""
+        _, _, t, c, _ = self._on(x)
+        x = x * c.reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.zeros((self.nterms, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add(0, t, x)
 
     def pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The second-order terms of the symmetric product of two first-order stacks (D, *shape)."""
@@ -82,14 +136,53 @@ class Layout:
             return torch.linalg.vecdot(a, b, dim=0).unsqueeze(0)
         if self.part == "diagonal":
             return a * b
+        if self.part == "first":
+            return a.new_zeros((0, *torch.broadcast_shapes(a.shape[1:], b.shape[1:])))
+        if self.part == "pairs":
+            if self.simple is not None:
+                return a[self.simple] * b[self.simple]
+            k, l, _, _, square = self._on(a)
+            x = a[k] * b[l]
+            if not square:
+                x = (x + a[l] * b[k]) / 2
+            return self._gather(x)
         x = a.unsqueeze(1) * b.unsqueeze(0)
         if a is not b:
             x = (x + x.transpose(0, 1)) / 2
         return x.reshape(self.dims * self.dims, *x.shape[2:])
 
+    def bilinear(self, f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The second-order terms of a bilinear op f (vmapped over stacks by the caller's ``f``) of two
+        first-order stacks: sym B(a_k, b_l) per pair, collapsed (not "full", which pairs all)."""
+        if self.part == "first":
+            return None
+        if self.part == "pairs":
+            if self.simple is not None:
+                return f(a[self.simple], b[self.simple])
+            k, l, _, _, square = self._on(a)
+            x = f(a[k], b[l])
+            if not square:
+                x = (x + f(a[l], b[k])) / 2
+            return self._gather(x)
+        return self.collapse(f(a, b))
+
     def collapse(self, quad: torch.Tensor) -> torch.Tensor:
         """Second-order terms from per-pair values (one per direction pair the generic rule ran)."""
-        return quad.sum(0, keepdim=True) if self.part == "laplacian" else quad
+        if self.part == "laplacian":
+            return quad.sum(0, keepdim=True)
+        if self.part == "pairs" and self.simple is None:
+            return self._gather(quad)
+        return quad
+
+    def generic_pairs(self) -> tuple | None:
+        """The (first, second) direction indices the generic rule differentiates along, or None where
+        they are the directions themselves (k, k)."""
+        if self.part == "full":
+            return torch.arange(self.dims).repeat_interleave(self.dims), torch.arange(self.dims).repeat(self.dims)
+        if self.part == "pairs":
+            k, l, _, _, _ = self._index
+            return k, l
+        return None
 
 
 class Jet(torch.Tensor):
@@ -376,36 +469,40 @@ def _same(out_v, jets):
     return None
 
 
-class _FusedLaplacian(torch.autograd.Function):
-    """(y, out) = (g(v), [g1 J; g1 S + g2 q]) for an elementwise g with derivatives g1, g2, g3 and
-    q = sum_k J_k^2, recorded as one node. Backward, for output gradients Gy, GJ, GS:
-        dJ_k = g1 GJ_k + 2 g2 J_k GS,   dS = g1 GS,
-        dv   = Gy g1 + (sum_k GJ_k J_k + GS S) g2 + GS q g3.
+class _FusedSquares(torch.autograd.Function):
+    """(y, out) = (g(v), [g1 J; g1 S + g2 q]) for an elementwise g with derivatives g1, g2, g3, where the
+    second-order terms are squares of directions: q = sum_k J_k^2 over the directions ``sel`` (a
+    Laplacian, ``summed``) or q_t = J_sel[t]^2 (u_xx and u_yy of a heat residual), recorded as one node.
+    Backward, for output gradients Gy, GJ, GS:
+        dJ_k = g1 GJ_k + 2 g2 J_k GS_t(k),   dS = g1 GS,
+        dv   = Gy g1 + (sum_k GJ_k J_k + sum_t GS_t S_t) g2 + sum_t GS_t q_t g3.
     Written with torch ops, so it can be differentiated again."""
 
     @staticmethod
-    def forward(ctx, v, y, d, g1, g2, third):
-        k = d.shape[0] - 1
-        q = torch.linalg.vecdot(d[:k], d[:k], dim=0)
+    def forward(ctx, v, y, d, g1, g2, third, sel, summed):
+        ds = d[sel]
+        q = torch.linalg.vecdot(ds, ds, dim=0).unsqueeze(0) if summed else ds * ds
+        k = d.shape[0] - q.shape[0]
         out = d * g1
-        out[k].addcmul_(g2, q)
+        out[k:].addcmul_(g2, q)
         ctx.save_for_backward(v, y, d, g1, g2)
-        ctx.third = third
+        ctx.third, ctx.sel, ctx.summed = third, sel, summed
         return y, out
 
     @staticmethod
     def backward(ctx, gy, gout):
         v, y, d, g1, g2 = ctx.saved_tensors
-        k = d.shape[0] - 1
-        q = torch.linalg.vecdot(d[:k], d[:k], dim=0)  # again here, on the graph: a gradient penalty differentiates it
-        gs = gout[k]
+        ds = d[ctx.sel]  # again here, on the graph: a gradient penalty differentiates it
+        q = torch.linalg.vecdot(ds, ds, dim=0).unsqueeze(0) if ctx.summed else ds * ds
+        k = d.shape[0] - q.shape[0]
+        gs = gout[k:]
         gd = gout * g1
-        gd[:k].addcmul_(d[:k], 2 * g2 * gs)
+        gd[ctx.sel] += ds * (2 * g2 * gs)
         gv = torch.linalg.vecdot(gout, d, dim=0) * g2
-        gv = gv.addcmul_(gs * q, ctx.third(v, y, g1, g2))
+        gv = gv.addcmul_((gs * q).sum(0), ctx.third(v, y, g1, g2))
         if gy is not None:
             gv = gv.addcmul_(gy, g1)
-        return gv, None, gd, None, None, None
+        return gv, None, gd, None, None, None, None, None
 
 
 _THIRD = {  # the third derivative from (v, y, g1, g2), for the fused training path
@@ -425,18 +522,22 @@ def _unary(derivs: Callable, name: str = ""):
         if not isinstance(x, Jet) or len(_jets(args[1:], kwargs)):
             return _generic(func, args, kwargs)
         v, d, lay = x._v, x._d, x._lay
+        if isinstance(lay, Layout4):
+            return _taylor4.unary(func, name, x, _values(args[1:]), _values(kwargs), Jet.of,
+                                  lambda y: _generic(func, args, kwargs, y))
         y = func(v, *_values(args[1:]), **_values(kwargs))
         if not _floating(y) or y.shape != v.shape:
             return _generic(func, args, kwargs, y)
         g1, g2 = derivs(v, y, args[1:], kwargs)
         k = lay.dims
         record = torch.is_grad_enabled() and (d.requires_grad or y.requires_grad)  # for a backward pass
-        if g2 is None:
+        if g2 is None or lay.part == "first":
             out = d * g1
-        elif record and name in _THIRD and lay.part == "laplacian" and d.dtype == y.dtype:
+        elif record and name in _THIRD and lay.squares is not None and d.dtype == y.dtype:
             # A training step's hot path: one node with its backward written out, instead of the
-            # elementwise passes autograd would record for the rule below.
-            y, out = _FusedLaplacian.apply(v, y, d, g1, g2, _THIRD[name])
+            # elementwise passes autograd would record for the rule below (whose slices cost the
+            # backward a zero-filled gradient each: measured, half of a heat-equation step).
+            y, out = _FusedSquares.apply(v, y, d, g1, g2, _THIRD[name], *lay.squares)
             return Jet.of(y, out, lay)
         elif record:
             # Recorded for a backward pass (create_graph): a write into a slice would cost the backward
@@ -684,8 +785,12 @@ def _mul(func, args, kwargs):
         lay = a._lay
         k = lay.dims
         da, db = _lead(a._d, r), _lead(b._d, r)
+        if isinstance(lay, Layout4):
+            d = _taylor4.product(da, va, db, vb, lay, torch.mul, lambda f, *xs, in_dims=None: f(*xs))
+            return Jet.of(y, d.expand(d.shape[0], *y.shape).to(y.dtype), lay)
         d = da * vb + va * db  # (C, *y.shape): both stacks lead with C and broadcast behind it
-        d[k:] += 2 * lay.pair(da[:k], db[:k]).expand(lay.terms, *y.shape)
+        if lay.terms:
+            d[k:] += 2 * lay.pair(da[:k], db[:k]).expand(lay.terms, *y.shape)
         return Jet.of(y, d, lay)
     j, other = (a, vb) if isinstance(a, Jet) else (b, va)
     d = _lead(j._d, r) * other
@@ -722,13 +827,16 @@ def _bilinear(func, args, kwargs):
     if isinstance(a, Jet) and isinstance(b, Jet):
         lay = a._lay
         k = lay.dims
+        if isinstance(lay, Layout4):
+            return Jet.of(y, _taylor4.product(a._d, va, b._d, vb, lay, func, _over_stack), lay)
         first = _over_stack(func, a._d, vb, in_dims=(0, None)) + _over_stack(func, va, b._d, in_dims=(None, 0))
         if lay.part == "full":
             x = _over_stack(lambda p: _over_stack(lambda q: func(p, q), b._d[:k]), a._d[:k])  # (D, D, *y)
             pair = ((x + x.transpose(0, 1)) / 2).reshape(k * k, *y.shape)
-        else:
-            pair = lay.collapse(_over_stack(func, a._d[:k], b._d[:k]))  # from (D, *y): B(Ja_k, Jb_k)
-        first[k:] += 2 * pair
+        else:  # from (P, *y): B(Ja_k, Jb_l) per pair
+            pair = lay.bilinear(lambda p, q: _over_stack(func, p, q), a._d[:k], b._d[:k])
+        if pair is not None:
+            first[k:] += 2 * pair
         return Jet.of(y, first, lay)
     if isinstance(a, Jet):
         if vb.dim() == 2 and va.dim() >= 1:
@@ -764,6 +872,17 @@ def _generic(func, args, kwargs, out=None):
         if same is not None:
             return same
     lay = _layout(jets)
+    if isinstance(lay, Layout4):
+        load_forward_decompositions()
+        try:
+            result = _taylor4.generic(func, args, kwargs, jets, lay, out, Jet.of,
+                                      lambda a: a._v if isinstance(a, Jet) else a)
+        except Exception as e:
+            if _is_oom(e):
+                raise
+            raise TaylorRefused(f"the generic fourth-order rule failed on {_name(func)}: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from e
+        return _mark(result, jets)
     k = lay.dims
     flat, spec = tree_flatten((args, kwargs))
     pos = [i for i, a in enumerate(flat) if isinstance(a, Jet)]
@@ -790,14 +909,19 @@ def _generic(func, args, kwargs, out=None):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*performance drop.*")
-            if lay.part == "full":
-                ia = torch.arange(k).repeat_interleave(k)
-                ib = torch.arange(k).repeat(k)
-                first, quad = vmap(nested)(tuple(f[ia] for f in firsts), tuple(f[ib] for f in firsts))
-                first = tuple(f[::k] for f in first)   # pairs (a, 0): the direction a alone
+            along = lay.generic_pairs()
+            if lay.part == "first":
+                first, quad = vmap(lambda *t: jvp(g, prims, t)[1])(*firsts), None
+            elif along is not None:
+                ia, ib = along
+                along_a, quad = vmap(nested)(tuple(f[ia] for f in firsts), tuple(f[ib] for f in firsts))
+                if lay.part == "full":
+                    first = tuple(f[::k] for f in along_a)   # pairs (a, 0): the direction a alone
+                else:
+                    first = vmap(lambda *t: jvp(g, prims, t)[1])(*firsts)
             else:
                 first, quad = vmap(nested)(firsts, firsts)
-            lin = vmap(lambda *s: jvp(g, prims, s)[1])(*seconds)
+            lin = vmap(lambda *s: jvp(g, prims, s)[1])(*seconds) if lay.terms else None
     except TaylorRefused:
         raise
     except Exception as e:  # no forward-mode formula, a random op under vmap, an op vmap cannot batch
@@ -808,8 +932,8 @@ def _generic(func, args, kwargs, out=None):
     res = {}
     for m, i in enumerate(float_at):
         leaf = out_flat[i]
-        second = lin[m] + lay.collapse(quad[m])
-        res[i] = Jet.of(leaf, torch.cat([first[m], second]).to(leaf.dtype), lay)
+        stack = first[m] if lin is None else torch.cat([first[m], lin[m] + lay.collapse(quad[m])])
+        res[i] = Jet.of(leaf, stack.to(leaf.dtype), lay)
     result = tree_unflatten([res.get(i, leaf) for i, leaf in enumerate(out_flat)], tree_flatten(out)[1])
     return _mark(result, jets)
 
@@ -1025,3 +1149,22 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 _COMPOSITES = {F.scaled_dot_product_attention: _attention, F.layer_norm: _layer_norm, F.instance_norm: _instance_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm}
 if hasattr(F, "rms_norm"):
     _COMPOSITES[F.rms_norm] = _rms_norm
+
+
+class _ByDefinition(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        definition = _COMPOSITES.get(func)
+        if definition is not None:
+            try:
+                return definition(*args, **kwargs)
+            except _UseGeneric:
+                pass
+        return func(*args, **kwargs)
+
+
+def by_definition():
+    """A scope in which the normalisations (and attention) run by their definitions in simpler ops, as
+    Taylor mode takes them: reverse mode to the third and fourth order through native layer_norm is
+    wrong (measured: a bi-Laplacian through F.layer_norm off by 140%), through its definition exact."""
+    return _ByDefinition()

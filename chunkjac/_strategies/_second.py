@@ -1,4 +1,4 @@
-"""What the second-order strategies share: the seed directions, colour groups, and result layout."""
+"""What the second-order strategies share: colour groups, merging them, empty results."""
 from __future__ import annotations
 
 import math
@@ -6,12 +6,6 @@ import math
 import torch
 
 from .._spec import Spec
-
-
-def stack(dims: int, part: str) -> int:
-    """Vectors a Taylor pass carries per tensor: the value, D directions and the second-order terms (1
-    for a Laplacian, D for the diagonal, D * D for the full Hessian)."""
-    return 1 + dims + {"laplacian": 1, "diagonal": dims, "full": dims * dims}[part]
 
 
 def groups(colours: torch.Tensor | None, calls: int | None) -> list:
@@ -38,18 +32,6 @@ def merge(done: torch.Tensor | None, new: torch.Tensor, mask: torch.Tensor | Non
         return new
     m = mask.reshape(-1, *([1] * (new.dim() - 1))).to(new.device)
     return torch.where(m, new, torch.zeros((), dtype=new.dtype, device=new.device) if done is None else done)
-
-
-def shaped(spec: Spec, out_shape: tuple, second: torch.Tensor, first: torch.Tensor | None) -> list:
-    """Results from (n, n_out, ...) blocks: second is (n, n_out) for a Laplacian, (n, n_out, D) for a
-    diagonal, (n, n_out, D, D) for the full Hessian; first (n, n_out, D). Shapes per Spec.result_shapes."""
-    n = second.shape[0]
-    x = spec.targets[0].shape
-    extra = {"laplacian": (), "diagonal": x, "full": (*x, *x)}[spec.part]
-    res = [second.reshape(n, *out_shape, *extra)]
-    if spec.return_jacobian:
-        res.append(first.reshape(n, *out_shape, *x))
-    return res
 
 
 def is_empty(spec: Spec, plan) -> bool:
