@@ -500,6 +500,8 @@ def run_second(rec: dict, call, f, x, y, part: str, cache: dict) -> dict:
             or b * n_out * n_in > MAX_REF2_ELEMENTS):
         return dict(rec, cls="skipped", message=f"too large for the second-order reference "
                                                 f"(B*out = {b * n_out}, D = {n_in}, B = {b})")
+    if part in ("dims", "mixed") and n_in == 0:
+        return dict(rec, cls="skipped", message="no input coordinate to name (D = 0)")
     if part in NEEDS_FULL and not full:
         return dict(rec, cls="skipped", message=f"too large for the second-order reference's full Hessians "
                                                 f"(B*out = {b * n_out}, D = {n_in})")

@@ -41,7 +41,6 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
 
 import torch
 
@@ -138,7 +137,8 @@ class Operator:
         return _drawn(self, start, n, dtype).to(device)
 
     def result_shapes(self, batch: int, out_shape: tuple) -> list[tuple]:
-        return [(batch, *out_shape, *_extra(self, kind, data)) for kind, data in self.reads]
+        return [(batch,) if kind == "trace" else (batch, *out_shape, *_extra(self, kind, data))
+                for kind, data in self.reads]
 
     def assemble(self, first: torch.Tensor | None, terms: torch.Tensor | None, n: int, out_shape: tuple,
                  by_order: dict | None = None, seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -335,7 +335,9 @@ def bilaplacian(in_shape: tuple, *, dims=None, samples=None, seed=None, distribu
         object.__setattr__(op, "_axes", axes)
         return op
     rows, top = [], []
-    if m <= SIGN_PATTERNS_MAX_DIM:
+    if m == 0:  # no coordinate: one zero direction, a zero result
+        rows, top = [()], [0.0]
+    elif m <= SIGN_PATTERNS_MAX_DIM:
         for signs in itertools.product((1.0, -1.0), repeat=m - 1):
             rows.append((1.0,) + signs)
             top.append(c4 / (3 * 2 ** (m - 1)))
@@ -351,7 +353,8 @@ def bilaplacian(in_shape: tuple, *, dims=None, samples=None, seed=None, distribu
                 rows.append(tuple(1.0 if q == i else sgn if q == j else 0.0 for q in range(m)))
                 top.append(c4 / 6)
     dirs = torch.zeros((len(rows), d), dtype=torch.float64)
-    dirs[:, coords] = torch.tensor(rows, dtype=torch.float64)
+    if m:
+        dirs[:, coords] = torch.tensor(rows, dtype=torch.float64)
     return Operator(name="bilaplacian", dims=d, in_shape=tuple(in_shape), order=4, num_directions=len(rows),
                     directions=dirs, num_terms=1, top=torch.tensor([top], dtype=torch.float64),
                     reads=(("term", 0),), select=sel, label=label, key=key)
@@ -504,7 +507,7 @@ def _weights(weights, m: int, batch: int | None):
     if not torch.isfinite(w).all():
         raise ValueError("chunkjac: weights holds inf or nan.")
     asym = (w - w.transpose(-1, -2)).abs().max().item() if w.numel() else 0.0
-    if asym > 1e-10 * max(1.0, w.abs().max().item()):
+    if asym > 1e-10 * max(1.0, w.abs().max().item() if w.numel() else 0.0):
         raise ValueError(f"chunkjac: weights must be symmetric (sum_jk C_jk d2u/dx_j dx_k only sees (C + C^T) / 2); "
                          f"it differs from its transpose by {asym:.3g}. Pass (C + C.T) / 2.")
     return (w, None) if shared else (None, w)
@@ -595,6 +598,8 @@ def random_directions(seed: int, start: int, n: int, k: int, m: int, distributio
                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(k, n, m): Rademacher (+-1) or standard Gaussian entries, a function of (seed, sample index,
     direction, coordinate) only (the Gaussian ones computed in float64, then rounded to ``dtype``)."""
+    if m == 0:
+        return torch.zeros((k, n, 0), dtype=dtype)
     if distribution == "rademacher":
         words = _stream(seed, start, n, k, -(-m // 32))            # (k, n, w): coordinate 32 w + bit
         octets = torch.stack([(words >> (8 * i)) & 255 for i in range(4)], -1)  # (k, n, w, 4)

@@ -299,3 +299,31 @@ def test_dumps_outputs_and_plans(tmp_path):
 def test_bad_input_is_refused_by_name(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(mlp())
+
+
+def test_randomized_dump_resumes_with_its_seed_and_refuses_another(tmp_path):
+    """A dump of a randomized Laplacian: its manifest records the seed; a rerun with another seed is
+    refused before anything is overwritten, and the same call returns the same bits."""
+    f = mlp()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    out = str(tmp_path / "l.npy")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = chunkjac.laplacian(f, x, samples=3, seed=1, out=out, chunk_size=8)
+        again = chunkjac.laplacian(f, x, samples=3, seed=1, out=out, chunk_size=8)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    with pytest.raises(chunkjac._manifest.ManifestError, match="different call"):
+        chunkjac.laplacian(f, x, samples=3, seed=2, out=out, chunk_size=8)
+    close(torch.from_numpy(np.load(out)), chunkjac.laplacian(f, x, samples=3, seed=1))
+
+
+def test_inputs_without_elements_give_zeros():
+    x = torch.randn(3, 0, dtype=torch.float64)
+    f = lambda z: z.sum(-1, keepdim=True) + 1.0  # noqa: E731
+    for got in (chunkjac.bilaplacian(f, x), chunkjac.bilaplacian(f, x, samples=2), chunkjac.laplacian(f, x, samples=2),
+                chunkjac.laplacian(f, x, weights=torch.zeros(0, 0)), chunkjac.laplacian(f, x, weights=torch.zeros(3, 0, 0))):
+        assert got.shape == (3, 1) and not got.any()
+    for got in (chunkjac.divergence(lambda z: 2 * z, x), chunkjac.divergence(lambda z: 2 * z, x, samples=3)):
+        assert got.shape == (3,) and not got.any()
