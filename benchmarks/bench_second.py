@@ -190,7 +190,7 @@ def operator_workloads():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return torch.stack([p.grad.norm() for p in params])
+        return torch.stack([p.grad.norm() for p in params if p.grad is not None])
 
     def heat_nested():
         x = xh.clone().requires_grad_(True)
@@ -202,7 +202,7 @@ def operator_workloads():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return torch.stack([p.grad.norm() for p in params])
+        return torch.stack([p.grad.norm() for p in params if p.grad is not None])
 
     name = "heat-equation training step u_t - u_xx - u_yy, 3->64x3->1, 4,096 points"
     rows[name] = {"chunkjac": heat_chunkjac, "nested autograd.grad": heat_nested}
