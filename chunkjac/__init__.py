@@ -10,9 +10,10 @@ from ._graph import jacobian_of
 from ._memo import ProbeCache
 from ._plan import Plan
 from ._plancache import PlanCache
+from ._projection import Projection
 from ._version import __version__
 
-__all__ = ["compute", "hessian", "laplacian", "bilaplacian", "divergence", "derivatives", "operator", "plan", "jacobian_of", "hops", "Plan", "BudgetError", "CouplingError",
+__all__ = ["compute", "hessian", "laplacian", "bilaplacian", "divergence", "derivatives", "operator", "Projection", "plan", "jacobian_of", "hops", "Plan", "BudgetError", "CouplingError",
            "CouplingWarning", "DistributedError", "TooLongError",
            "ProbeCache", "probe_cache", "PlanCache", "plan_cache", "__version__"]
 

@@ -130,6 +130,7 @@ def compute(
     plan: Plan | None = None,
     flat: bool = False,
     check_coupling: bool = True,
+    project: Any = None,
 ):
     """Per-sample Jacobians ``J[i] = d fn(x)_i / d x_i`` for every sample i of a batch.
 
@@ -191,6 +192,10 @@ def compute(
             no two samples the declaration keeps apart interact (random-cotangent VJPs on the chunks
             the plan runs: about 1 + log2(chunk) products per colour, once per remembered decision),
             and refuse with what was found; False trusts the declaration.
+        project: a :class:`Projection` (or an int: its dim, Rademacher, seed 0): the per-sample rows of
+            every target (flattened, concatenated in target order) projected to ``dim`` numbers, one
+            (B, *out, dim) tensor; for fn returning a per-sample loss, projected per-sample gradients
+            (B, dim). A chunk's full rows exist only while the chunk is projected (docs/parameters.md).
 
     Returns:
         For a batched input x of shape (B, *in) and output y of shape (B, *out): a tensor of shape
@@ -238,6 +243,7 @@ def plan(
     check_coupling: bool = True,
     part: str | None = None,
     return_jacobian: bool = False,
+    project: Any = None,
 ) -> Plan:
     """The :class:`Plan` ``compute`` (or, with ``part``, ``hessian``) would carry out with the same
     arguments, without computing any Jacobian (it probes fn on a few small chunks). ``print(plan)``

@@ -206,7 +206,7 @@ def _decision_key(req: Request, guard: tuple | None) -> tuple | None:
     return (identity(spec.fn), "call", str(spec.device), guard, spec.batch_size, spec.mode,
             tuple((t.kind, t.index, t.name) for t in spec.targets), repr(spec.output), spec.create_graph,
             argument_key(req.coupling), repr(req.budget), req.chunk_size, req.max_seconds, spec.part,
-            spec.return_jacobian, spec.to_memory, req.check_coupling)
+            spec.return_jacobian, spec.to_memory, req.check_coupling, _projection_key(spec))
 
 
 def _check_outputs(p: Plan, return_outputs: bool) -> None:
@@ -286,7 +286,12 @@ def _options(req: Request) -> tuple:
     spec = req.spec
     return (spec.batch_size, spec.mode, tuple((t.kind, t.index, t.name) for t in spec.targets), repr(spec.output),
             spec.create_graph, req.coupling if isinstance(req.coupling, str) else "declared", repr(req.budget),
-            req.chunk_size, req.max_seconds, spec.part, spec.return_jacobian, spec.to_memory, req.check_coupling)
+            req.chunk_size, req.max_seconds, spec.part, spec.return_jacobian, spec.to_memory, req.check_coupling,
+            _projection_key(spec))
+
+
+def _projection_key(spec: Spec):
+    return None if spec.project is None else tuple(spec.project.describe().items())
 
 
 def _per_sample_products(spec: Spec, req: Request, budget_bytes: int, e: Exception) -> tuple[Spec, Plan]:

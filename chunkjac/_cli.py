@@ -125,6 +125,11 @@ def _call_options(args: argparse.Namespace) -> dict:
         opts["max_seconds"] = args.max_seconds
     if getattr(args, "part", None) is not None:
         opts["part"] = args.part
+    if getattr(args, "project", None) is not None:
+        from ._projection import Projection
+        opts["project"] = Projection(args.project, seed=args.seed, kind=args.projection,
+                                     dtype={"float16": torch.float16, "float32": torch.float32, None: None}[
+                                         args.project_dtype])
     return opts
 
 
@@ -187,7 +192,7 @@ def _dump_cmd(args: argparse.Namespace) -> int:
     if len(paths) < 2:
         raise UsageError("dump needs at least one INPUTS .npy file and the OUT .npy file to write.")
     *inputs_paths, out = paths
-    folder = args.wrt == "params"  # a dict: one .npy per parameter in the folder OUT
+    folder = args.wrt == "params" and args.project is None  # a dict: one .npy per parameter in the folder OUT
     if folder and out.endswith(".npy"):
         raise UsageError(f"OUT {out!r}: with --wrt params, OUT is a folder (one .npy per parameter), not a .npy file.")
     if not folder and not out.endswith(".npy"):
@@ -212,7 +217,10 @@ def _dump_cmd(args: argparse.Namespace) -> int:
         print(f"plan: the chunks and AD plan recorded in {out}.chunkjac.json (resuming)", flush=True)
     else:
         print(f"plan: {p}", flush=True)
-        if p.part is None:
+        if args.project is not None:
+            size = p.batch_size * math.prod(p.out_shape) * args.project * (2 if args.project_dtype == "float16" else
+                                                                          p.dtype.itemsize)
+        elif p.part is None:
             size = p.batch_size * math.prod(p.out_shape) * sum(p.in_numels) * p.dtype.itemsize
         else:
             size = sum(math.prod(s) for s in p.part.result_shapes(p.batch_size, p.out_shape)) * p.dtype.itemsize
@@ -266,6 +274,14 @@ def _add_call_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", default=None, choices=["laplacian", "diagonal", "full"],
                    help="second derivatives instead of the Jacobian: the Laplacian (B, *out), the Hessian's "
                         "diagonal (B, *out, *in) or the full Hessian (B, *out, *in, *in)")
+    p.add_argument("--project", type=_positive_int, default=None, metavar="DIM",
+                   help="the rows projected to DIM numbers (chunkjac.Projection): with --wrt params, per-sample "
+                        "gradients for data attribution in one (B, *out, DIM) .npy")
+    p.add_argument("--seed", type=int, default=0, help="with --project: the projection's seed (default 0)")
+    p.add_argument("--projection", default="rademacher", choices=["rademacher", "gaussian", "kronecker"],
+                   help="with --project: the projection's kind (default rademacher)")
+    p.add_argument("--project-dtype", default=None, choices=["float16", "float32"],
+                   help="with --project: the dtype of the dump (default: the model's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="refuse coupled runs predicted to take longer (default 3600)")
     p.add_argument("--deterministic", action="store_true",

@@ -84,6 +84,13 @@ def _numpy_dtype(dtype: torch.dtype):
             "(e.g. lambda x: model(x).float()) or pass out=<a preallocated tensor>.") from None
 
 
+def result_dtype(spec: Spec, dtype: torch.dtype) -> torch.dtype:
+    """The dtype results are stored in: fn's output's, or a projection's own (float16 dumps)."""
+    if spec.project is not None and spec.project.projection.dtype is not None:
+        return spec.project.projection.dtype
+    return dtype
+
+
 def finished(spec: Spec, out_shape: tuple, dtype: torch.dtype, out: str, coupling_given: bool) -> list | None:
     """The result tensors of a dump to ``out`` that its manifest says is complete and was written by
     this call (fn, inputs, options: the fingerprint), opened without planning anything; None
@@ -97,6 +104,7 @@ def finished(spec: Spec, out_shape: tuple, dtype: torch.dtype, out: str, couplin
         return None  # the usual path says what is wrong with it
     if m is None or not (m["complete"] or len(m["done"]) == len(m["chunks"])):
         return None
+    dtype = result_dtype(spec, dtype)
     fp = _manifest.fingerprint(spec, files[0][1], dtype)
     if len(files) > 1 or base != files[0][0]:
         fp["result"]["files"] = [os.path.basename(p) for p, _ in files]
@@ -138,9 +146,9 @@ def _open_folder(spec: Spec, plan: Plan, folder: str, resume: bool, job=None) ->
 
 def _open_files(spec: Spec, plan: Plan, base: str, files: list, resume: bool, job=None) -> Output:
     """A dump into the .npy files ``files`` ((path, shape) each), its manifest and lock at ``base``."""
-    dtype = _numpy_dtype(plan.dtype)
+    dtype = _numpy_dtype(result_dtype(spec, plan.dtype))
     shapes = [s for _, s in files]
-    fp = _manifest.fingerprint(spec, shapes[0], plan.dtype)
+    fp = _manifest.fingerprint(spec, shapes[0], result_dtype(spec, plan.dtype))
     if len(files) > 1 or base != files[0][0]:
         fp["result"]["files"] = [os.path.basename(p) for p, _ in files]
         fp["result"]["shapes"] = [list(s) for s in shapes]

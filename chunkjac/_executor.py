@@ -177,8 +177,8 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
         # One chunk into memory (a training loop's every step): the strategy's tensors are the result,
         # with none of the streaming machinery around them.
         try:
-            jacs, outputs = STRATEGIES[plan.strategy](spec, plan, chunk_args(spec, 0, plan.batch_size),
-                                                      plan.batch_size, plan.colours_at(0, plan.batch_size))
+            jacs, outputs = _chunk(spec, plan, chunk_args(spec, 0, plan.batch_size), plan.batch_size,
+                                   plan.colours_at(0, plan.batch_size))
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -237,7 +237,7 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
                         if timing and cuda:
                             torch.cuda.synchronize(spec.device)
                         t = time.perf_counter()
-                        jacs, outputs = STRATEGIES[q.strategy](spec, q, args, stop - start, plan.colours_at(start, stop))
+                        jacs, outputs = _chunk(spec, q, args, stop - start, plan.colours_at(start, stop))
                         if timing and cuda:
                             torch.cuda.synchronize(spec.device)
                         t = time.perf_counter() - t
@@ -277,6 +277,16 @@ def execute(spec: Spec, plan: Plan, progress=None, sink=None, units: list[tuple[
         warn(f"chunkjac: ran out of memory on {spec.device} with the planned chunks of {plan.chunk_size:,} "
              f"samples; finished with chunks of {size:,}.", RuntimeWarning)
     return _result(spec, plan, sink.jacobians(), sink.outputs() if spec.return_outputs else None)
+
+
+def _chunk(spec: Spec, plan: Plan, args: list, n: int, colours):
+    """One chunk's results by the plan's strategy, projected where the call asks (see [Projected
+    per-sample gradients] in _projection): the chunk's full rows live only here."""
+    jacs, outputs = STRATEGIES[plan.strategy](spec, plan, args, n, colours)
+    if spec.project is not None and not STRATEGIES[plan.strategy].projects:
+        blocks = None if plan.held_bytes or not plan.budget_bytes else plan.budget_bytes / 4
+        jacs = [spec.project.project(jacs, 1 + len(plan.out_shape), blocks)]
+    return jacs, outputs
 
 
 def _result(spec: Spec, plan: Plan, jacs: list, outputs):

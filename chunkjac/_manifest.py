@@ -123,6 +123,8 @@ def fingerprint(spec, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, A
         "kind": c.kind, "colours": None if c.colours is None else _digest(c.colours),
         "bounds": None if c.bounds is None else _digest(torch.from_numpy(np.asarray(c.bounds)))}
     fp["result"] = {"shape": list(shape), "dtype": str(dtype)}
+    if spec.project is not None:  # a resume with another projection would mix two
+        fp["result"]["project"] = spec.project.describe()
     if spec.part is not None:  # a Hessian's diagonal has a Jacobian's shape: say which it is
         fp["result"]["part"] = f"{spec.part} ({spec.part.full_digest})"
     return fp

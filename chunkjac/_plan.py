@@ -48,6 +48,7 @@ class Plan:
     result_bytes: int = 0          # of peak_bytes, the result itself, outside the budget (see _adopted)
     wrt: tuple[str, ...] = ()      # what it differentiates ("input 0", "parameter 'fc.weight'"): plan= checks it
     trials: tuple = field(default=(), compare=False)  # other candidates the run's first chunks time (see _executor)
+    held_bytes: int = 0          # project=: the projection matrices held whole (within the budget), or 0: by blocks
 
     @property
     def too_long(self) -> bool:

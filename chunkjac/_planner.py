@@ -148,6 +148,13 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
         raise failure
     recalled = plan is first and kept is not None and not chunk_size
     result_bytes = result_numel(spec, p) * p.dtype.itemsize
+    if spec.project is not None:
+        # The chunk's full rows exist while it is projected; the projection's matrices are held whole
+        # where they take at most half the budget (see _executor._chunk).
+        result_bytes += p.out_numel * spec.project.numel * p.dtype.itemsize
+        held = spec.project.dense_bytes(p.dtype)
+        held = held if held <= budget_bytes / 2 else 0
+        budget_bytes = int(budget_bytes - held)
     activations, work = STRATEGIES[plan.strategy].memory(spec, p, plan)
     fast = speed_chunk(spec.batch_size, activations, result_bytes)
     m = Measurement(mem_const=0.0, mem_per_sample=MEMORY_MODEL_SAFETY * (activations + work + result_bytes))
@@ -171,6 +178,8 @@ def make_plan(spec: Spec, device: torch.device, budget_bytes: int, chunk_size: i
             f"chunkjac: budget={format_bytes(budget_bytes)} cannot hold the work of even one sample on "
             f"{device}: one sample needs about {format_bytes(m.peak(1))} (with the planner's margin, a "
             f"budget of {format_bytes(need)}). Pass budget='{_round_up(need)}' or more.")
+    if spec.project is not None:
+        plan = dataclasses.replace(plan, held_bytes=held)
     plan = dataclasses.replace(plan, chunk_size=n, peak_bytes=int(m.peak(n)), budget_bytes=budget_bytes,
                                batched_outputs=p.batched_outputs, result_bytes=adopted)
     deterministic = torch.are_deterministic_algorithms_enabled()

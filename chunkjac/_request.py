@@ -57,12 +57,12 @@ class Request:
 def make(api: str, fn, inputs, *, wrt=0, output=None, in_dims=0, mode="auto", coupling="auto",
          create_graph=False, return_outputs=False, budget=None, device=None, chunk_size=None, progress=None,
          max_seconds=None, out=None, resume=True, plan=None, flat=False, part=None, return_jacobian=False,
-         check_coupling=True) -> Request:
+         check_coupling=True, project=None) -> Request:
     """The call as a :class:`Request`, or the first thing wrong with it (TypeError, ValueError)."""
     given = dict(fn=fn, inputs=inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                  create_graph=create_graph, return_outputs=return_outputs, budget=budget, device=device,
                  chunk_size=chunk_size, progress=progress, max_seconds=max_seconds, out=out, resume=resume, plan=plan,
-                 flat=flat, part=part, return_jacobian=return_jacobian, check_coupling=check_coupling)
+                 flat=flat, part=part, return_jacobian=return_jacobian, check_coupling=check_coupling, project=project)
     if budget is not None:
         check_budget(budget)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
@@ -82,7 +82,7 @@ def make(api: str, fn, inputs, *, wrt=0, output=None, in_dims=0, mode="auto", co
     out = _check_out_kind(out)
     spec = normalize(fn, inputs, wrt=wrt, output=output, in_dims=in_dims, mode=mode, coupling=coupling,
                      create_graph=create_graph, return_outputs=return_outputs, device=device, part=part,
-                     return_jacobian=return_jacobian, flat=flat, to_memory=out is None)
+                     return_jacobian=return_jacobian, flat=flat, to_memory=out is None, project=project)
     _check_out(spec, out)
     return Request(api=api, spec=spec, coupling=coupling, budget=budget,
                    chunk_size=None if chunk_size is None else int(chunk_size), progress=progress,

@@ -67,10 +67,13 @@ class Spec:
     keys: tuple | None = None  # a dict result (wrt="params" or a list): its keys, one per target
     flat: bool = False         # a dict's Jacobians concatenated along their last dim: (B, *out, P)
     to_memory: bool = True     # out=None: a one-chunk run's result is the chunk's own tensor (see _plan)
+    project: Any = None        # a _projection.Bound: the targets' rows projected to (B, *out, dim)
 
     @property
     def results(self) -> int:
         """How many result tensors a run fills: one per wrt target, or the part (and the Jacobian)."""
+        if self.project is not None:
+            return 1
         return len(self.targets) if self.part is None else len(self.part.reads)
 
     def result_shapes(self, out_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -78,6 +81,8 @@ class Spec:
         Laplacian, (B, *out, *in) diagonal, (B, *out, *in, *in) full Hessian, then (B, *out, *in) for
         the Jacobian when asked; (B,) divergence; (B, *out) per named derivative."""
         b = self.batch_size
+        if self.project is not None:
+            return [(b, *out_shape, self.project.projection.dim)]
         if self.part is None:
             return [(b, *out_shape, *t.shape) for t in self.targets]
         return self.part.result_shapes(b, out_shape)
@@ -102,7 +107,7 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph, return_outputs,
-              device=None, part=None, return_jacobian=False, flat=False, to_memory=True) -> Spec:
+              device=None, part=None, return_jacobian=False, flat=False, to_memory=True, project=None) -> Spec:
     if not callable(fn):
         raise TypeError(f"chunkjac: fn must be a callable or an nn.Module, got {_describe(fn)}.")
     if torch.is_inference_mode_enabled():
@@ -131,12 +136,20 @@ def normalize(fn, inputs, *, wrt, output, in_dims, mode, coupling, create_graph,
         part = _operator(part, targets, wrt, batch_size, return_jacobian)
         single = len(part.reads) == 1 and part.names is None
         keys = part.names
+    if project is not None:
+        from ._projection import resolve
+        if part is not None:
+            raise ValueError("chunkjac: project= projects first derivatives (compute); second derivatives take none.")
+        if flat:
+            raise ValueError("chunkjac: project= gives one (B, *out, dim) tensor already; drop flat=True.")
+        project = resolve(project, targets)
+        single, keys = True, None
     coupling = from_argument(coupling, batch_size)
     return Spec(fn=fn, args=args, in_dims=dims, batch_size=batch_size, targets=targets, single=single,
                 output=output, mode=mode, coupling=coupling, create_graph=bool(create_graph),
                 return_outputs=bool(return_outputs), device=device, home=home, part=part,
                 return_jacobian=bool(return_jacobian) and part is not None, keys=keys, flat=bool(flat),
-                to_memory=bool(to_memory))
+                to_memory=bool(to_memory), project=project)
 
 
 def _operator(part, targets, wrt, batch_size: int, return_jacobian: bool):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import coloured, double_backward, per_sample, taylor
+from . import coloured, double_backward, kronecker, per_sample, taylor
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Strategy:
     check: Callable       # (spec, plan) -> None, or the exception an explicit mode raises (auto: reverse mode instead)
     describe: Callable    # (plan, "per chunk" | "in all") -> its work in words
     route: str            # its name in messages
+    projects: bool = False  # its results are already projected (compute's project=)
 
     def __call__(self, *args, **kwargs):
         return self.run(*args, **kwargs)
@@ -43,6 +44,9 @@ STRATEGIES = {s.name: s for s in (
     # Jacobians w.r.t. shared tensors: vmap over samples of jacrev
     Strategy("per_sample", per_sample.run_chunk, per_sample.candidates, per_sample.memory,
              per_sample.products, per_sample.check, per_sample.describe, "per-sample reverse mode"),
+    # projected per-sample gradients of Linear layers, from their inputs and output gradients
+    Strategy("kronecker", kronecker.run_chunk, kronecker.candidates, kronecker.memory,
+             kronecker.products, kronecker.check, kronecker.describe, "Kronecker projection", projects=True),
     # second derivatives: one forward pass carries them
     Strategy("taylor", taylor.run_chunk, taylor.candidates, taylor.memory,
              taylor.products, taylor.check, taylor.describe, "Taylor mode"),
