@@ -7,6 +7,9 @@ the comparison is bit for bit).
 
 ``--model mlp784 --wrt 2.weight`` dumps per-sample Jacobians w.r.t. the last layer's weight of an MLP
 784 -> 256 -> 10 instead (issue 16's run: (B, 10, 10, 256) float32, 102 kB per sample: 10^6 samples are 102 GB).
+``--model mlp784loss --wrt params --project 4096 --projection kronecker --project-dtype float16`` dumps
+that MLP's per-sample cross-entropy gradients projected to 4,096 float16 numbers (issue 28's run: 8.2 GB
+for 10^6 samples).
 
 Prints each run's time and peak RSS (the dump's own summary), the chunks on disk at the kill, and
 whether the files are equal and every sample's block was written.
@@ -34,17 +37,30 @@ def pinn():
 def mlp784():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+class Loss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp784()
+
+    def forward(self, x, y):
+        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
+
+def mlp784loss():
+    return Loss()
 '''
 
 
-MODEL, WRT = "pinn", None
+MODEL, WRT, EXTRA = "pinn", None, []
 
 
 def dump(folder, out, budget, quiet=True):
     # --deterministic: no candidate timed on the first chunks, so the comparison can be bit for bit
     # (without it the first chunks of either run may come from another exact candidate: equal to rounding).
-    return [sys.executable, "-m", "chunkjac", "dump", f"{folder}/model.py:{MODEL}", f"{folder}/x.npy", out,
-            "--budget", budget, "--deterministic"] + (["--quiet"] if quiet else []) + (["--wrt", WRT] if WRT else [])
+    labels = [f"{folder}/y.npy"] if MODEL == "mlp784loss" else []
+    return [sys.executable, "-m", "chunkjac", "dump", f"{folder}/model.py:{MODEL}", f"{folder}/x.npy", *labels, out,
+            "--budget", budget, "--deterministic"] + (["--quiet"] if quiet else []) + (["--wrt", WRT] if WRT else []) \
+        + EXTRA
 
 
 def main():
@@ -53,26 +69,34 @@ def main():
     ap.add_argument("--budget", default="8MB")
     ap.add_argument("--kill-after", type=float, default=0.5, help="kill when this fraction of chunks is on disk")
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--model", default="pinn", choices=["pinn", "mlp784"])
+    ap.add_argument("--model", default="pinn", choices=["pinn", "mlp784", "mlp784loss"],
+                    help="mlp784loss: the per-sample cross-entropy of the MLP 784 -> 256 -> 10 (labels in y.npy)")
     ap.add_argument("--wrt", default=None, help="a parameter name (e.g. 2.weight), passed to chunkjac dump")
+    ap.add_argument("--project", nargs=argparse.REMAINDER, default=[],
+                    help="the rest of the line goes to chunkjac dump: --project 4096 --projection kronecker ...")
     a = ap.parse_args()
-    global MODEL, WRT
-    MODEL, WRT = a.model, a.wrt
+    global MODEL, WRT, EXTRA
+    MODEL, WRT, EXTRA = a.model, a.wrt, (["--project", *a.project] if a.project else [])
     d_in = 3 if a.model == "pinn" else 784
     folder = a.dir or tempfile.mkdtemp(prefix="chunkjac-resume-")
     with open(os.path.join(folder, "model.py"), "w") as f:
         f.write(FACTORY)
     np.save(os.path.join(folder, "x.npy"),
             np.random.default_rng(0).standard_normal((a.samples, d_in)).astype(np.float32))
+    if a.model == "mlp784loss":
+        np.save(os.path.join(folder, "y.npy"), np.random.default_rng(1).integers(0, 10, a.samples))
+        d_in = 784
     per = 9 if a.model == "pinn" and a.wrt is None else 10 * 2560 if a.wrt == "2.weight" else None
-    result = f"{a.samples * per * 4 / 1e6:,.0f} MB" if per else "see below"
-    print(f"folder: {folder}\nresult: {result} float32, budget {a.budget}")
+    result = f"{a.samples * per * 4 / 1e6:,.0f} MB float32" if per else "as the plan line below says"
+    print(f"folder: {folder}\nresult: {result}, budget {a.budget}")
 
     ref = os.path.join(folder, "uninterrupted.npy")
     t = time.perf_counter()
     r = subprocess.run(dump(folder, ref, a.budget), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    print(f"\nuninterrupted dump: {time.perf_counter() - t:.1f} s wall\n{r.stdout.strip()}")
+    wall = time.perf_counter() - t
+    print(f"\nuninterrupted dump: {wall:.1f} s wall, {a.samples / wall:,.0f} samples/s, "
+          f"{os.path.getsize(ref) / wall / 1e6:,.0f} MB/s written\n{r.stdout.strip()}")
 
     out = os.path.join(folder, "jac.npy")
     manifest = out + ".chunkjac.json"

@@ -198,18 +198,25 @@ class Bound:
                 z = torch.matmul(torch.matmul(p_out.t(), w), p_in)            # (rows, d_out, d_in)
                 out[:, g.offset:g.offset + g.dim] = z.reshape(rows, g.dim)
                 continue
-            x = torch.cat([by_name[n] for n in g.names], 1) if len(g.names) > 1 else by_name[g.names[0]]
+            # Each target's rows times its own rows of R, summed: no copy of the chunk's rows into one.
+            parts, at = [], 0
+            for n in g.names:
+                parts.append((by_name[n], at))
+                at += by_name[n].shape[1]
             whole = g.numel * g.dim * ref.dtype.itemsize
+            acc = out[:, g.offset:g.offset + g.dim]
+            acc.zero_()
             if budget_bytes is None or whole <= budget_bytes:
                 r = self._whole(2 * g.tag, g.numel, g.dim, ref.device, ref.dtype)
-                out[:, g.offset:g.offset + g.dim] = x @ r
+                for x, a in parts:
+                    acc.addmm_(x, r[a:a + x.shape[1]])
             else:  # TRAK's way: the matrix again, by blocks of rows, for every chunk
                 step = max(1, int(budget_bytes // (g.dim * ref.dtype.itemsize)))
-                acc = torch.zeros((rows, g.dim), dtype=ref.dtype, device=ref.device)
-                for a in range(0, g.numel, step):
-                    b = min(a + step, g.numel)
-                    acc += x[:, a:b] @ self.matrix(2 * g.tag, g.numel, g.dim, a, b, ref.device, ref.dtype)
-                out[:, g.offset:g.offset + g.dim] = acc
+                for x, a in parts:
+                    for b0 in range(0, x.shape[1], step):
+                        b1 = min(b0 + step, x.shape[1])
+                        acc.addmm_(x[:, b0:b1], self.matrix(2 * g.tag, g.numel, g.dim, a + b0, a + b1, ref.device,
+                                                            ref.dtype))
         out = out.reshape(*lead_shape, self.projection.dim)
         return out if self.projection.dtype is None else out.to(self.projection.dtype)
 
