@@ -48,6 +48,7 @@ FULL = [
     ("params_conv", 256, 32, 300),
     ("grads_ce", 1_000, 100, 300),
     ("dump_resume", 1_000_000, 5_000, 600),
+    ("projected_dump", 1_000_000, None, 900),
 ]
 ERROR_TOLERANCE = 1e-3  # relative, float32 against the reference
 SCALING = [1_000, 10_000, 100_000, 1_000_000, 10_000_000]

@@ -302,6 +302,86 @@ def _dump(n, device):
                     lambda: vmap(jacrev(model))(torch.from_numpy(x[:CHECK])), slice=lambda r: r)
 
 
+PROJECTED_FACTORY = '''
+import torch
+from torch import nn
+
+class Loss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x, y):
+        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
+
+def make():
+    return Loss()
+'''
+
+
+def _projected_dump(n, device):
+    """Issue 28's dump: per-sample cross-entropy gradients of an MLP 784 -> 256 -> 10, Kronecker-projected
+    to 4,096 float16 numbers (8.2 GB at 10^6 samples), uninterrupted and SIGKILLed halfway then resumed."""
+    folder = tempfile.mkdtemp(prefix="chunkjac-bench-projected-")
+    with open(os.path.join(folder, "model.py"), "w") as f:
+        f.write(PROJECTED_FACTORY)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 784), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    np.save(os.path.join(folder, "x.npy"), x)
+    np.save(os.path.join(folder, "y.npy"), y)
+    exe = [sys.executable, "-m", "chunkjac", "dump", f"{folder}/model.py:make", f"{folder}/x.npy", f"{folder}/y.npy"]
+    opts = ["--wrt", "params", "--project", "4096", "--projection", "kronecker", "--project-dtype", "float16",
+            "--budget", "1GB", "--quiet"] + (["--device", str(device)] if str(device) != "cpu" else [])
+
+    def clean(out):
+        for p in (out, out + ".chunkjac.json"):
+            if os.path.exists(p):
+                os.unlink(p)
+
+    def read(out):
+        r = torch.from_numpy(np.load(out, mmap_mode="r")[:CHECK].astype(np.float32))
+        clean(out)  # 8.2 GB each: not kept
+        return r
+
+    def straight():
+        out = f"{folder}/a.npy"
+        clean(out)
+        subprocess.run([*exe, out, *opts], check=True, capture_output=True)
+        return read(out)
+
+    def killed_and_resumed():
+        import json
+        out = f"{folder}/b.npy"
+        clean(out)
+        p = subprocess.Popen([*exe, out, *opts], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None:
+            try:
+                m = json.load(open(out + ".chunkjac.json"))
+                if len(m["done"]) >= len(m["chunks"]) // 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        subprocess.run([*exe, out, *opts], check=True, capture_output=True)
+        return read(out)
+
+    def reference():
+        import importlib.util
+        import chunkjac
+        spec = importlib.util.spec_from_file_location("projected_factory", f"{folder}/model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        g = chunkjac.compute(mod.make(), (torch.from_numpy(x[:CHECK]), torch.from_numpy(y[:CHECK])), wrt="params")
+        return chunkjac.Projection(4096, kind="kronecker").apply(g)
+
+    return Workload(n, {"chunkjac dump": straight, "chunkjac dump, SIGKILL at half, resumed": killed_and_resumed},
+                    reference, slice=lambda r: r)
+
+
 def build(name: str, n: int, device: torch.device) -> Workload:
     kind = name.split(":")[0]
     if kind == "seed000":
@@ -335,6 +415,8 @@ def build(name: str, n: int, device: torch.device) -> Workload:
         return _grads(n, device)
     if kind == "dump_resume":
         return _dump(n, device)
+    if kind == "projected_dump":
+        return _projected_dump(n, device)
     raise KeyError(name)
 
 
