@@ -254,6 +254,46 @@ def make():
 '''
 
 
+def _dump_methods(before: list, after: list, read):
+    """(straight, killed_and_resumed): ``[*before, out, *after]`` run to the end, and SIGKILLed once half
+    its chunks are on disk then run again; each returns ``read(out)``, the file's first samples."""
+
+    def clean(out):
+        for p in (out, out + ".chunkjac.json"):
+            if os.path.exists(p):
+                os.unlink(p)
+
+    def straight(out):
+        clean(out)
+        subprocess.run([*before, out, *after], check=True, capture_output=True)
+        return read(out)
+
+    def killed_and_resumed(out):
+        import json
+        clean(out)
+        p = subprocess.Popen([*before, out, *after], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None:
+            try:
+                m = json.load(open(out + ".chunkjac.json"))
+                if len(m["done"]) >= len(m["chunks"]) // 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        subprocess.run([*before, out, *after], check=True, capture_output=True)
+        return read(out)
+
+    return straight, killed_and_resumed
+
+
+def _named(run, folder) -> dict:
+    straight, killed = run
+    return {"chunkjac dump": lambda: straight(f"{folder}/a.npy"),
+            "chunkjac dump, SIGKILL at half, resumed": lambda: killed(f"{folder}/b.npy")}
+
+
 def _dump(n, device):
     """A dump to disk, uninterrupted, and the same dump SIGKILLed halfway and resumed (both end
     with the same file: the result is the file's first samples)."""
@@ -265,41 +305,14 @@ def _dump(n, device):
     exe = [sys.executable, "-m", "chunkjac", "dump", f"{folder}/model.py:make", f"{folder}/x.npy"]
     dev = ["--device", str(device)] if str(device) != "cpu" else []
 
-    def clean(out):
-        for p in (out, out + ".chunkjac.json"):
-            if os.path.exists(p):
-                os.unlink(p)
-
-    def straight():
-        out = f"{folder}/a.npy"
-        clean(out)
-        subprocess.run([*exe, out, "--budget", "8MB", "--quiet", *dev], check=True, capture_output=True)
-        return torch.from_numpy(np.load(out, mmap_mode="r")[:CHECK].copy())
-
-    def killed_and_resumed():
-        import json
-        out = f"{folder}/b.npy"
-        clean(out)
-        p = subprocess.Popen([*exe, out, "--budget", "8MB", "--quiet", *dev], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        while p.poll() is None:
-            try:
-                m = json.load(open(out + ".chunkjac.json"))
-                if len(m["done"]) >= len(m["chunks"]) // 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        subprocess.run([*exe, out, "--budget", "8MB", "--quiet", *dev], check=True, capture_output=True)
-        return torch.from_numpy(np.load(out, mmap_mode="r")[:CHECK].copy())
+    run = _dump_methods(exe, ["--budget", "8MB", "--quiet", *dev],
+                        lambda out: torch.from_numpy(np.load(out, mmap_mode="r")[:CHECK].copy()))
 
     torch.manual_seed(0)  # the factory's model
     model = nn.Sequential(nn.Linear(3, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256),
                           nn.Tanh(), nn.Linear(256, 3))
-    return Workload(n, {"chunkjac dump": straight, "chunkjac dump, SIGKILL at half, resumed": killed_and_resumed},
-                    lambda: vmap(jacrev(model))(torch.from_numpy(x[:CHECK])), slice=lambda r: r)
+    return Workload(n, _named(run, folder), lambda: vmap(jacrev(model))(torch.from_numpy(x[:CHECK])),
+                    slice=lambda r: r)
 
 
 PROJECTED_FACTORY = '''
@@ -335,39 +348,13 @@ def _projected_dump(n, device):
     opts = ["--wrt", "params", "--project", "4096", "--projection", "kronecker", "--project-dtype", "float16",
             "--budget", "1GB", "--quiet"] + (["--device", str(device)] if str(device) != "cpu" else [])
 
-    def clean(out):
-        for p in (out, out + ".chunkjac.json"):
-            if os.path.exists(p):
-                os.unlink(p)
-
     def read(out):
         r = torch.from_numpy(np.load(out, mmap_mode="r")[:CHECK].astype(np.float32))
-        clean(out)  # 8.2 GB each: not kept
+        for p in (out, out + ".chunkjac.json"):  # 8.2 GB each: not kept
+            os.unlink(p)
         return r
 
-    def straight():
-        out = f"{folder}/a.npy"
-        clean(out)
-        subprocess.run([*exe, out, *opts], check=True, capture_output=True)
-        return read(out)
-
-    def killed_and_resumed():
-        import json
-        out = f"{folder}/b.npy"
-        clean(out)
-        p = subprocess.Popen([*exe, out, *opts], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while p.poll() is None:
-            try:
-                m = json.load(open(out + ".chunkjac.json"))
-                if len(m["done"]) >= len(m["chunks"]) // 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        subprocess.run([*exe, out, *opts], check=True, capture_output=True)
-        return read(out)
+    run = _dump_methods(exe, opts, read)
 
     def reference():
         import importlib.util
@@ -378,8 +365,7 @@ def _projected_dump(n, device):
         g = chunkjac.compute(mod.make(), (torch.from_numpy(x[:CHECK]), torch.from_numpy(y[:CHECK])), wrt="params")
         return chunkjac.Projection(4096, kind="kronecker").apply(g)
 
-    return Workload(n, {"chunkjac dump": straight, "chunkjac dump, SIGKILL at half, resumed": killed_and_resumed},
-                    reference, slice=lambda r: r)
+    return Workload(n, _named(run, folder), reference, slice=lambda r: r)
 
 
 def build(name: str, n: int, device: torch.device) -> Workload:

@@ -34,6 +34,18 @@ def merge(done: torch.Tensor | None, new: torch.Tensor, mask: torch.Tensor | Non
     return torch.where(m, new, torch.zeros((), dtype=new.dtype, device=new.device) if done is None else done)
 
 
+def selected(spec: Spec, plan, out, n: int) -> torch.Tensor:
+    """The differentiated output of a chunk's forward pass, its per-sample shape checked against the probe's."""
+    from .._function import select
+    y = select(spec, out, n)
+    if tuple(y.shape[1:]) != plan.out_shape:
+        raise ValueError(
+            f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
+            f"{tuple(y.shape[1:])} in a chunk of {n} samples; each sample's output must not depend on "
+            "how many samples are in the batch.")
+    return y
+
+
 def is_empty(spec: Spec, plan) -> bool:
     """No derivative to compute: the input or the output has no elements per sample."""
     return spec.targets[0].numel == 0 or math.prod(plan.out_shape) == 0

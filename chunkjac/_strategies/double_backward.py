@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import _autograd
-from .._function import call, detach_all, select
+from .._function import call, detach_all
 from .._plan import Plan
 from .._spec import Spec
 from ._cost import SECOND_VJP_COST
-from ._second import empty, groups, is_empty, merge
+from ._second import empty, groups, is_empty, merge, selected
 
 if TYPE_CHECKING:
     from .._probe import Probe
@@ -105,12 +105,7 @@ def run_chunk(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor 
         a = list(args)
         a[i] = x
         out = call(spec, a)
-        y = select(spec, out, n)
-        if tuple(y.shape[1:]) != plan.out_shape:
-            raise ValueError(
-                f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
-                f"{tuple(y.shape[1:])} in a chunk of {n} samples; each sample's output must not depend on "
-                "how many samples are in the batch.")
+        y = selected(spec, plan, out, n)
         rows = y[0].numel() if n else 0
         yf = y.reshape(n, rows)
         zeros = torch.zeros((n, rows, dims, dims), dtype=y.dtype, device=y.device)
@@ -195,12 +190,7 @@ def _directional(spec: Spec, plan: Plan, args: list, n: int, colours, calls):
         a[i] = x
         with by_definition() if op.order > 2 else contextlib.nullcontext():
             out = call(spec, a)
-        y = select(spec, out, n)
-        if tuple(y.shape[1:]) != plan.out_shape:
-            raise ValueError(
-                f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
-                f"{tuple(y.shape[1:])} in a chunk of {n} samples; each sample's output must not depend on "
-                "how many samples are in the batch.")
+        y = selected(spec, plan, out, n)
         rows = y[0].numel() if n else 0
         yf = y.reshape(n, rows)
         top_order = op.order

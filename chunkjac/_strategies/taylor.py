@@ -15,14 +15,14 @@ from torch.utils._pytree import tree_map
 
 import contextlib
 
-from .._function import call, detached_parameters, reached_modules, select
+from .._function import call, detached_parameters, reached_modules
 from .._plan import Plan
 from .._spec import Spec
 from .. import _taylor4
 from .._taylor import Jet, Layout, TaylorRefused, taylor_pass
 from .._taylor4 import Layout4
 from . import double_backward
-from ._second import along, empty, groups, is_empty, merge
+from ._second import along, empty, groups, is_empty, merge, selected
 
 if TYPE_CHECKING:
     from .._probe import Probe
@@ -132,16 +132,11 @@ def run_strict(spec: Spec, plan: Plan, args: list, n: int, colours: torch.Tensor
         with taylor_pass(), torch.enable_grad(), plain:
             a[i] = Jet.of(x, d, lay)
             out = call(spec, a)
-            y = select(spec, out, n)
+            y = selected(spec, plan, out, n)
             if not isinstance(y, Jet):
                 # The derivatives were lost on the way (a torch.func transform or TorchScript inside fn,
                 # or fn's output does not depend on x): reverse mode says which, exactly.
                 raise TaylorRefused("fn's output does not carry Taylor mode's derivatives")
-            if tuple(y.shape[1:]) != plan.out_shape:
-                raise ValueError(
-                    f"chunkjac: fn's per-sample output shape changed from {plan.out_shape} (probe) to "
-                    f"{tuple(y.shape[1:])} in a chunk of {n} samples; each sample's output must not depend on "
-                    "how many samples are in the batch.")
             r = _results(op, lay, y, n, plan.out_shape, v)
         results = r if mask is None else [merge(None if results is None else p, q, mask)
                                           for p, q in zip(results or [None] * len(r), r)]
